@@ -1,0 +1,3 @@
+"""matloop core: pure domain code (structures, physics, models, metrics). No Prefect here."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""The lake: Parquet tables under one root, appended atomically, queried through DuckDB."""
+
+from storage.lake import Lake
+
+__all__ = ["Lake"]

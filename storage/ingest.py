@@ -1,0 +1,77 @@
+"""Loading a source into the lake: resolve it, skip what is already there, append the rest."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from core.ingest import (
+    IngestError,
+    IngestFilters,
+    IngestReport,
+    Record,
+    fetch_matbench,
+    prepare,
+    read_folder,
+    read_json_source,
+)
+from core.settings import get_settings
+from storage.lake import Lake
+
+NAMED_SOURCES = ("matbench_log_kvrh",)
+
+
+def source_name(source: str) -> str:
+    """The partition-safe name a source's rows carry (``dataset:<name>`` in ``properties.method``)."""
+    if source in NAMED_SOURCES:
+        return source
+    path = Path(source)
+    stem = path.name
+    for suffix in (".gz", ".json"):
+        stem = stem.removesuffix(suffix)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "source"
+    return f"folder-{name}" if path.is_dir() else name
+
+
+def read_source(source: str, properties_csv: Path | None = None) -> Iterable[Record]:
+    """Records of a named dataset, a matbench/matminer/MP JSON(.gz) file, or a folder of structure files."""
+    if source == "matbench_log_kvrh":
+        return read_json_source(fetch_matbench(Path(get_settings().cache_dir).expanduser()))
+    path = Path(source)
+    if path.is_dir():
+        return read_folder(path, properties_csv)
+    if path.is_file():
+        return read_json_source(path)
+    raise IngestError(f"unknown source {source!r}: give {', '.join(NAMED_SOURCES)}, a JSON(.gz) file or a folder")
+
+
+def ingest(
+    lake: Lake,
+    source: str,
+    *,
+    filters: IngestFilters | None = None,
+    name: str | None = None,
+    properties_csv: Path | None = None,
+    run_id: str | None = None,
+    progress: Callable[[Iterable[Record]], Iterable[Record]] = lambda it: it,
+) -> IngestReport:
+    """Ingest one source; a second ingest of the same source adds nothing."""
+    name = name or source_name(source)
+    records = read_source(source, properties_csv)
+    known_structures = {r["structure_id"] for r in lake.query("SELECT structure_id FROM structures").to_pylist()}
+    known_labels = {
+        r["structure_id"]
+        for r in lake.query(
+            "SELECT structure_id FROM properties WHERE name = 'k_vrh' AND method = ?", [f"dataset:{name}"]
+        ).to_pylist()
+    }
+    known_quarantine = {
+        r["record_id"] for r in lake.query("SELECT record_id FROM quarantine WHERE source = ?", [name]).to_pylist()
+    }
+    out = prepare(records, name, filters, known_structures, known_labels, known_quarantine, progress)
+    # Structures first: a property never refers to a structure that is not there.
+    lake.append("structures", out.structures, run_id=run_id)
+    lake.append("properties", out.properties, run_id=run_id)
+    lake.append("quarantine", out.quarantine, run_id=run_id)
+    return out.report

@@ -1,0 +1,238 @@
+"""The lake: append-only, Hive-partitioned Parquet tables under one root (local path or fsspec URL).
+
+Writes are atomic: each append writes a new file under a temporary name that no reader globs
+(``*.parquet.tmp``), then renames it to ``part-<time>-<uuid>.parquet``. Two processes appending
+at once write different files, so both land; a crash leaves at most a stray ``.tmp`` file that
+no view reads. Rows are never rewritten: a newer row supersedes an older one for the same key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.provenance import code_version, new_run_id, utcnow
+from core.settings import get_settings
+from storage.schemas import KEYS, PARTITION, SCHEMAS
+
+_SAFE_PARTITION = re.compile(r"^[A-Za-z0-9._+@-]+$")
+_READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
+
+
+class ReadOnlyQueryError(ValueError):
+    """Raised when a query given to the SQL entry point would change something."""
+
+
+def _duck_type(t: pa.DataType) -> str:
+    """DuckDB type of an Arrow type, for typed empty views and hive partition columns."""
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    raise TypeError(f"no DuckDB type for {t}")
+
+
+class Lake:
+    """A lake root and its tables. ``Lake()`` uses MATLOOP_LAKE or ``./lake``."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        url = str(root if root is not None else get_settings().lake)
+        self.fs, path = fsspec.core.url_to_fs(url)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.root = str(Path(path).resolve()) if self.local else path
+        self.url = self.root if self.local else f"{self._protocol}://{self.root}"
+
+    def __repr__(self) -> str:
+        return f"Lake({self.url!r})"
+
+    @property
+    def _protocol(self) -> str:
+        p = self.fs.protocol
+        return p[0] if isinstance(p, tuple) else p
+
+    # ---------- paths ----------
+    def path(self, *parts: str) -> str:
+        """A path (not URL) under the root, for files the platform keeps (models, plots)."""
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def uri(self, *parts: str) -> str:
+        """A URL-or-path under the root that fsspec and DuckDB both open."""
+        p = self.path(*parts)
+        return p if self.local else f"{self._protocol}://{p}"
+
+    def files(self, table: str) -> list[str]:
+        """The table's committed Parquet files."""
+        _check_table(table)
+        return sorted(self.fs.glob(self.path(table, "*", "*.parquet")))
+
+    # ---------- writes ----------
+    def append(self, table: str, rows: Sequence[Mapping[str, Any]] | pa.Table, *, run_id: str | None = None) -> int:
+        """Append rows to a table atomically; fills provenance columns left empty. Returns rows written."""
+        schema = _check_table(table)
+        data = rows if isinstance(rows, pa.Table) else _table_from_rows(rows, schema)
+        if data.num_rows == 0:
+            return 0
+        data = _with_provenance(data, schema, run_id)
+        part_col = PARTITION[table]
+        values = data.column(part_col)
+        if values.null_count:
+            raise ValueError(f"{table}.{part_col} is the partition column and may not be null")
+        for value in pa.compute.unique(values).to_pylist():
+            chunk = data.filter(pa.compute.equal(values, pa.scalar(value, values.type)))
+            self._write_atomic(table, part_col, value, chunk.drop_columns([part_col]))
+        return data.num_rows
+
+    def _write_atomic(self, table: str, col: str, value: Any, data: pa.Table) -> None:
+        text = str(value)
+        if not _SAFE_PARTITION.match(text):
+            raise ValueError(f"partition value {text!r} for {table}.{col} may hold only letters, digits and ._+@-")
+        folder = self.path(table, f"{col}={text}")
+        self.fs.makedirs(folder, exist_ok=True)
+        name = f"part-{utcnow():%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = f"{folder}/{name}.tmp"
+        with self.fs.open(tmp, "wb") as fh:
+            pq.write_table(data, fh, compression="zstd")
+        self.fs.mv(tmp, f"{folder}/{name}")
+
+    def put_file(self, local_path: str | os.PathLike[str], *parts: str) -> str:
+        """Copy a local file (checkpoint, plot) into the lake atomically; returns its lake-relative path."""
+        dest = self.path(*parts)
+        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(str(local_path), dest + ".tmp")
+        self.fs.mv(dest + ".tmp", dest)
+        return "/".join(parts)
+
+    # ---------- reads ----------
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with every table as a view (latest rows) and ``<t>_history``."""
+        con = duckdb.connect()
+        if not self.local:
+            con.register_filesystem(self.fs)
+        for statement in self._view_sql():
+            con.execute(statement)
+        return con
+
+    def _view_sql(self) -> list[str]:
+        statements = []
+        for table, schema in SCHEMAS.items():
+            part = PARTITION[table]
+            if self.files(table):
+                glob = self.uri(table, "*", "*.parquet")
+                source = (
+                    f"read_parquet('{glob}', hive_partitioning=true, union_by_name=true, "
+                    f"hive_types={{'{part}': {_duck_type(schema.field(part).type)}}})"
+                )
+            else:  # a typed, empty relation so queries work on a fresh lake
+                cols = [f for f in schema if f.name != part] + [schema.field(part)]
+                source = (
+                    "(SELECT "
+                    + ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in cols)
+                    + " WHERE false)"
+                )
+            statements.append(f"CREATE OR REPLACE VIEW {table}_history AS SELECT * FROM {source}")
+            keys = ", ".join(KEYS[table])
+            statements.append(
+                f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {table}_history "
+                f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC) = 1"
+            )
+        return statements
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        """Run read-only SQL over the views; anything that would write raises ReadOnlyQueryError."""
+        con = self.connect()
+        try:
+            statements = con.extract_statements(sql)
+            if not statements:
+                raise ReadOnlyQueryError("empty query")
+            for st in statements:
+                kind = st.type.name
+                if kind not in _READ_ONLY_TYPES:
+                    raise ReadOnlyQueryError(
+                        f"the SQL entry point is read-only: a {kind} statement is not allowed "
+                        "(use SELECT; the lake changes only through matloop's flows)"
+                    )
+            rel = con.sql(sql, params=params) if params else con.sql(sql)
+            return rel.to_arrow_table() if rel is not None else pa.table({})
+        finally:
+            con.close()
+
+    def read(self, table: str, where: str | None = None, *, history: bool = False) -> pa.Table:
+        """The current rows of a table (or every row with ``history=True``), optionally filtered."""
+        _check_table(table)
+        name = f"{table}_history" if history else table
+        return self.query(f"SELECT * FROM {name}" + (f" WHERE {where}" if where else ""))
+
+    def counts(self) -> dict[str, int]:
+        """Current row count per table."""
+        sql = " UNION ALL ".join(f"SELECT '{t}' AS t, count(*) AS n FROM {t}" for t in SCHEMAS)
+        return {r["t"]: r["n"] for r in self.query(sql).to_pylist()}
+
+    @property
+    def catalog_path(self) -> Path:
+        """The DuckDB catalog file: in the lake for a local root, in the cache for a remote one."""
+        if self.local:
+            return Path(self.root) / "catalog.duckdb"
+        cache = Path(get_settings().cache_dir).expanduser()
+        return cache / f"catalog-{abs(hash(self.url)) % 10**10}.duckdb"
+
+    def write_catalog(self) -> Path:
+        """(Re)write the catalog file of views, atomically, for the duckdb CLI and other clients."""
+        target = self.catalog_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        con = duckdb.connect(str(tmp))
+        try:
+            for statement in self._view_sql():
+                con.execute(statement)
+        finally:
+            con.close()
+        os.replace(tmp, target)
+        return target
+
+
+def _check_table(table: str) -> pa.Schema:
+    try:
+        return SCHEMAS[table]
+    except KeyError:
+        raise ValueError(f"unknown table {table!r}; tables: {', '.join(SCHEMAS)}") from None
+
+
+def _table_from_rows(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    rows = list(rows)
+    unknown = {k for r in rows for k in r} - set(schema.names)
+    if unknown:
+        raise ValueError(f"columns not in the schema: {sorted(unknown)}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _with_provenance(data: pa.Table, schema: pa.Schema, run_id: str | None) -> pa.Table:
+    """Conform to the schema and fill run_id, code_version, created_at where null."""
+    missing = [f for f in schema if f.name not in data.column_names]
+    for f in missing:
+        data = data.append_column(f, pa.nulls(data.num_rows, f.type))
+    data = data.select(schema.names).cast(schema)
+    fills = {"run_id": run_id or new_run_id(), "code_version": code_version(), "created_at": utcnow()}
+    for name, value in fills.items():
+        i = data.schema.get_field_index(name)
+        col = data.column(i)
+        if col.null_count:
+            filled = pa.compute.fill_null(col, pa.scalar(value, col.type))
+            data = data.set_column(i, schema.field(name), filled)
+    return data

@@ -1,0 +1,181 @@
+"""Every lake table's schema, in one place.
+
+Tables are append-only. Each is Hive-partitioned on one column (``PARTITION``), which lives in
+the folder name (``table/<col>=<value>/part-*.parquet``) and not inside the files. Every table
+carries provenance: ``run_id`` (the Prefect flow run or a local run id), ``code_version`` and
+``created_at``; rows produced by a model or a calculation also carry the model id and a
+settings hash. A newer row supersedes an older one for the same key (``KEYS``); the catalog
+exposes the latest row per key as the table's view and every row as ``<table>_history``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+_PROVENANCE = [
+    pa.field("run_id", pa.string()),
+    pa.field("code_version", pa.string()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+]
+_MATRIX = pa.list_(pa.list_(pa.float64()))
+
+STRUCTURES = pa.schema(
+    [
+        pa.field("structure_id", pa.string(), nullable=False),
+        pa.field("formula", pa.string()),
+        pa.field("reduced_formula", pa.string()),
+        pa.field("elements", pa.list_(pa.string())),
+        pa.field("nelements", pa.int32()),
+        pa.field("nsites", pa.int32()),
+        pa.field("lattice", _MATRIX),  # 3x3, Å, rows are lattice vectors
+        pa.field("species", pa.list_(pa.string())),
+        pa.field("frac_coords", _MATRIX),  # nsites x 3
+        pa.field("volume", pa.float64()),  # Å^3
+        pa.field("source", pa.string()),  # dataset name, "generated", "seed", "dft-relaxed", ...
+        pa.field("source_id", pa.string()),  # id in the source (mp-id, file name, sample index)
+        pa.field("parent_ids", pa.list_(pa.string())),
+        pa.field("split", pa.string()),  # train | val | test, fixed by structure_id
+        *_PROVENANCE,
+    ]
+)
+
+PROPERTIES = pa.schema(
+    [
+        pa.field("structure_id", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),  # k_vrh, g_vrh, elastic_tensor, ...
+        pa.field("value", pa.float64()),  # scalar value (GPa for moduli, eV for energies)
+        pa.field("value_json", pa.string()),  # non-scalar values (6x6 tensor) and extras
+        pa.field("unit", pa.string()),
+        pa.field("uncertainty", pa.float64()),  # ensemble spread or fit error, if any
+        pa.field("method", pa.string()),  # dataset:<name> | cgcnn@<id> | fam:<model> | dft:<code>/<hash>
+        pa.field("model_id", pa.string()),
+        pa.field("settings_hash", pa.string()),
+        pa.field("flags", pa.list_(pa.string())),  # e.g. eos_disagrees, missing_strains
+        pa.field("iteration", pa.int32()),
+        *_PROVENANCE,
+    ]
+)
+
+CANDIDATES = pa.schema(
+    [
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("structure_id", pa.string(), nullable=False),
+        pa.field("target", pa.float64(), nullable=False),  # target K_vrh, GPa
+        pa.field("generator_model_id", pa.string()),
+        pa.field("generator_score", pa.float64()),  # generator's property head, GPa
+        pa.field("gnn_k", pa.float64()),
+        pa.field("gnn_k_std", pa.float64()),
+        pa.field("gnn_model_id", pa.string()),
+        pa.field("gnn_verdict", pa.string()),  # pass | reject
+        pa.field("gnn_reason", pa.string()),
+        pa.field("fam_model", pa.string()),
+        pa.field("fam_k", pa.float64()),
+        pa.field("fam_verdict", pa.string()),  # pass | reject | error
+        pa.field("fam_reason", pa.string()),
+        pa.field("dft_method", pa.string()),
+        pa.field("dft_k", pa.float64()),
+        pa.field("dft_verdict", pa.string()),  # labeled | failed
+        pa.field("dft_reason", pa.string()),
+        pa.field("status", pa.string()),  # generated | gnn_pass | fam_pass | labeled | rejected | failed
+        pa.field("stage", pa.string()),  # the stage that wrote this row
+        *_PROVENANCE,
+    ]
+)
+
+JOBS = pa.schema(
+    [
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("structure_id", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),  # fam | dft
+        pa.field("calculation", pa.string()),  # relax | elastic | strain:<i> | eos:<i>
+        pa.field("inputs_hash", pa.string()),
+        pa.field("settings_json", pa.string()),
+        pa.field("settings_hash", pa.string()),
+        pa.field("attempt", pa.int32()),
+        pa.field("state", pa.string()),  # completed | failed | retrying
+        pa.field("error_class", pa.string()),  # scf_unconverged | relax_unconverged | walltime | node_lost | bad_input
+        pa.field("error_message", pa.string()),
+        pa.field("wall_time_s", pa.float64()),
+        pa.field("host", pa.string()),
+        *_PROVENANCE,
+    ]
+)
+
+MODELS = pa.schema(
+    [
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # cgcnn | generator
+        pa.field("path", pa.string()),  # checkpoint, relative to the lake root
+        pa.field("data_snapshot", pa.list_(pa.string())),  # structure_ids trained on
+        pa.field("data_hash", pa.string()),
+        pa.field("config_json", pa.string()),  # hyperparameters
+        pa.field("metrics_json", pa.string()),
+        pa.field("settings_hash", pa.string()),
+        *_PROVENANCE,
+    ]
+)
+
+ITERATIONS = pa.schema(
+    [
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("target", pa.float64(), nullable=False),
+        pa.field("n_generated", pa.int64()),
+        pa.field("n_kept", pa.int64()),
+        pa.field("n_gnn_pass", pa.int64()),
+        pa.field("n_fam_pass", pa.int64()),
+        pa.field("n_labeled", pa.int64()),
+        pa.field("n_failed", pa.int64()),
+        pa.field("mape_gnn", pa.float64()),  # CGCNN-predicted K of kept candidates vs target
+        pa.field("dft_k_mean", pa.float64()),
+        pa.field("dft_k_std", pa.float64()),
+        pa.field("validity", pa.float64()),
+        pa.field("uniqueness", pa.float64()),
+        pa.field("novelty", pa.float64()),
+        pa.field("wall_times_json", pa.string()),  # seconds per stage
+        pa.field("predictor_model_id", pa.string()),
+        pa.field("generator_model_id", pa.string()),
+        *_PROVENANCE,
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("record_id", pa.string()),  # index or file name in the source
+        # unreadable | overlapping_atoms | unknown_element | bad_property
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        *_PROVENANCE,
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "structures": STRUCTURES,
+    "properties": PROPERTIES,
+    "candidates": CANDIDATES,
+    "jobs": JOBS,
+    "models": MODELS,
+    "iterations": ITERATIONS,
+    "quarantine": QUARANTINE,
+}
+
+PARTITION: dict[str, str] = {
+    "structures": "source",
+    "properties": "name",
+    "candidates": "iteration",
+    "jobs": "stage",
+    "models": "kind",
+    "iterations": "iteration",
+    "quarantine": "source",
+}
+
+KEYS: dict[str, tuple[str, ...]] = {
+    "structures": ("structure_id",),
+    "properties": ("structure_id", "name", "method"),
+    "candidates": ("iteration", "structure_id", "target"),
+    "jobs": ("job_id", "attempt"),
+    "models": ("model_id",),
+    "iterations": ("iteration", "target"),
+    "quarantine": ("source", "record_id", "reason"),
+}
+"""Rows sharing a key: the newest (created_at) is the current one."""
