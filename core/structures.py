@@ -5,7 +5,9 @@ the reduced formula, the volume per atom, and the multiset of per-site environme
 site's species with the sorted species-and-distance list of its neighbours within a cutoff
 scaled to the atomic volume). Supercells, site permutations, translations and other cell
 settings give the same invariants; crystals that differ by more than the rounding (0.01 Å,
-0.01 Å^3/atom) give different ones. It is pure numpy, about a millisecond per small cell.
+0.01 Å^3/atom) give different ones. Distances cannot tell mirror images apart, so enantiomorphs
+(P6_222 and P6_422 CrSi2) share an id, as they share every elastic modulus; StructureMatcher
+matches them too. It is pure numpy, about a millisecond per small cell.
 """
 
 from __future__ import annotations

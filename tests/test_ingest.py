@@ -31,7 +31,7 @@ def test_reference_files_with_default_filters(lake, shared_data):
     assert not r2015.quarantined and not rmp.quarantined
     counts = lake.counts()
     print("lake after both:", counts)
-    assert counts["structures"] == 2585  # 33 crystals are in both files
+    assert counts["structures"] == 2583  # 35 crystals carry labels from both files
     k = lake.query("SELECT min(value) lo, max(value) hi, count(*) n FROM properties WHERE name = 'k_vrh'").to_pylist()[
         0
     ]
