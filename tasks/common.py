@@ -7,7 +7,7 @@ finished iteration, in this process or another, recomputes nothing.
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,14 +21,21 @@ from storage import Lake
 CACHE_POLICY = INPUTS + TASK_SOURCE
 
 
-@functools.cache
 def result_storage(lake_url: str) -> WritableFileSystem:
-    """Result storage under ``<lake>/results`` (a local folder or an fsspec URL)."""
+    """Result storage under ``<lake>/results`` (a local folder or an fsspec URL).
+
+    The block is saved on the Prefect server (named after the lake), as the server must know
+    where a cached result lives for another process to find it.
+    """
     lake = Lake(lake_url)
     if lake.local:
         os.makedirs(lake.path("results"), exist_ok=True)
-        return LocalFileSystem(basepath=lake.path("results"))
-    return RemoteFileSystem(basepath=lake.uri("results"))
+        block: WritableFileSystem = LocalFileSystem(basepath=lake.path("results"))
+    else:
+        block = RemoteFileSystem(basepath=lake.uri("results"))
+    digest = hashlib.sha256(lake.url.encode()).hexdigest()[:16]
+    block.save(f"matloop-results-{digest}", overwrite=True)
+    return block
 
 
 def compute_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:
