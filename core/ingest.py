@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 from pymatgen.core import Element
 
-from core.structures import describe, excluded_reason, reduced_formula, split_of
+from core.structures import MIN_DISTANCE, cell_heights, describe_many, excluded_reason, reduced_formula, split_of
 
 MATBENCH_LOG_KVRH_URL = "https://ml.materialsproject.org/projects/matbench_log_kvrh.json.gz"
 MATBENCH_LOG_KVRH_SHA256 = "44b113ddb7e23aa18731a62c74afa7e5aa654199e0db5f951c8248a00955c9cd"
@@ -239,6 +239,9 @@ def _quarantine_reason(rec: Record) -> tuple[str, str] | None:
     for symbol in set(rec.structure["species"]):
         if not Element.is_valid_symbol(symbol):
             return "unknown_element", f"unknown element {symbol!r}"
+    lattice = np.asarray(rec.structure["lattice"], dtype=float)
+    if lattice.shape != (3, 3) or abs(np.linalg.det(lattice)) < 1e-6 or cell_heights(lattice).min() < MIN_DISTANCE:
+        return "unreadable", "degenerate (flat or singular) cell"
     k = rec.properties.get("k_vrh")
     if k is None or not math.isfinite(k):
         return "bad_property", f"k_vrh is {'missing' if k is None else k}"
@@ -292,14 +295,32 @@ def prepare(
     out = Prepared([], [], [], report)
     seen: set[str] = set(known_structures)
     labeled: set[str] = set(known_labels)
-    for rec in progress(records):
+    records = list(progress(records))
+    problems = [_quarantine_reason(rec) for rec in records]
+    checkable = [i for i, p in enumerate(problems) if p is None]
+    described = dict(
+        zip(
+            checkable,
+            describe_many(
+                [
+                    (
+                        records[i].structure["lattice"],
+                        records[i].structure["species"],
+                        records[i].structure["frac_coords"],
+                    )
+                    for i in checkable
+                ]
+            ),
+            strict=True,
+        )
+    )
+    for index, rec in enumerate(records):
         report.read += 1
-        problem = _quarantine_reason(rec)
-        sid = None
+        problem = problems[index]
         if problem is None:
             s = rec.structure
-            sid, dmin = describe(s["lattice"], s["species"], s["frac_coords"])
-            if dmin < 0.5:
+            sid, dmin = described[index]
+            if dmin < MIN_DISTANCE:
                 problem = ("overlapping_atoms", f"atoms {dmin:.3f} Å apart")
         if problem is not None:
             report.quarantined[problem[0]] += 1

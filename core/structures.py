@@ -16,7 +16,11 @@ import functools
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -29,6 +33,9 @@ MIN_DISTANCE = 0.5
 """Å: two atoms closer than this make a structure invalid."""
 _CUTOFF_FACTOR = 2.0
 """Neighbour cutoff in units of (V/N)^(1/3); the nearest neighbour always lies within it (Hermite bound ~1.12)."""
+
+MAX_IMAGE_REACH = 60
+"""Periodic images searched per direction at most; a flatter cell is rejected, not searched."""
 
 SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
@@ -84,11 +91,18 @@ def _offset_grid(reach: tuple[int, int, int]) -> np.ndarray:
     return np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)
 
 
+def cell_heights(lattice: np.ndarray) -> np.ndarray:
+    """Distances between opposite faces of the cell (Å); near zero for a flat cell."""
+    inv = np.linalg.inv(lattice)
+    return 1.0 / np.sqrt((inv * inv).sum(axis=0))
+
+
 def _image_offsets(lattice: np.ndarray, cutoff: float) -> np.ndarray:
     """Integer lattice translations that can hold a neighbour within ``cutoff`` of the home cell."""
-    inv = np.linalg.inv(lattice)
-    heights = 1.0 / np.sqrt((inv * inv).sum(axis=0))  # distance between opposite faces
-    return _offset_grid(tuple(int(r) for r in np.ceil(cutoff / heights)))
+    reach = np.ceil(cutoff / cell_heights(lattice))
+    if reach.max() > MAX_IMAGE_REACH:
+        raise ValueError(f"cell too flat for a neighbour search (face spacing {cell_heights(lattice).min():.3g} Å)")
+    return _offset_grid(tuple(int(r) for r in reach))
 
 
 def pair_distances(lattice: np.ndarray, frac: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,6 +154,22 @@ def describe(lattice: np.ndarray, species: list[str], frac: np.ndarray) -> tuple
     return "ml-" + hashlib.sha256(blob.encode()).hexdigest()[:20], dmin
 
 
+def _describe_args(args: tuple[np.ndarray, list[str], np.ndarray]) -> tuple[str, float]:
+    return describe(*args)
+
+
+def describe_many(
+    items: Sequence[tuple[np.ndarray, list[str], np.ndarray]], workers: int | None = None, parallel_above: int = 2000
+) -> list[tuple[str, float]]:
+    """``describe`` for many structures; above ``parallel_above`` items it uses one process per core."""
+    workers = workers or os.cpu_count() or 1
+    if len(items) <= parallel_above or workers == 1:
+        return [describe(*it) for it in items]
+    ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold threads (DuckDB, torch)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(_describe_args, items, chunksize=max(64, len(items) // (8 * workers))))
+
+
 def structure_id(structure: Structure) -> str:
     """Canonical id: equal for the same crystal in any cell, setting, origin or site order."""
     return describe(structure.lattice.matrix, [s.specie.symbol for s in structure], structure.frac_coords)[0]
@@ -181,6 +211,9 @@ def validity_problem(structure: Structure) -> str | None:
         return "non-finite lattice or coordinates"
     if not 1.0 < vpa < 200.0:
         return f"volume per atom {vpa:.2f} Å^3 outside (1, 200)"
+    spacing = float(cell_heights(structure.lattice.matrix).min())
+    if spacing < MIN_DISTANCE:
+        return f"flat cell: opposite faces {spacing:.2f} Å apart"
     dmin = min_distance(structure)
     if dmin < MIN_DISTANCE:
         return f"atoms {dmin:.2f} Å apart (minimum {MIN_DISTANCE} Å)"

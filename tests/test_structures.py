@@ -99,6 +99,8 @@ def test_validity_and_min_distance():
     assert "apart" in validity_problem(close)
     huge = Structure(Lattice.cubic(30.0), ["Fe"], [[0, 0, 0]])
     assert "volume" in validity_problem(huge)
+    flat = Structure(Lattice([[40.0, 0, 0], [0, 40.0, 0], [0, 0, 0.01]]), ["Fe"], [[0, 0, 0]])
+    assert "flat cell" in validity_problem(flat)  # rejected before any neighbour search
 
 
 def test_split_is_deterministic_and_balanced():
