@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from storage import Lake  # noqa: E402
-from storage.ingest import ingest  # noqa: E402
+from storage import Lake
+from storage.ingest import ingest
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 N_STRUCTURES = 10_000
@@ -28,7 +28,8 @@ N_CANDIDATES = 1_000_000
 def replicated_source(path: Path, n: int, seed: int = 0) -> None:
     """n metallic records from the shared MP file, replicated with perturbed coordinates (new crystals)."""
     rng = np.random.default_rng(seed)
-    records = json.load(gzip.open(SHARED / "mp-binary-elasticity-2025.1-train.json.gz"))
+    with gzip.open(SHARED / "mp-binary-elasticity-2025.1-train.json.gz", "rt") as fh:
+        records = json.load(fh)
     out = []
     for i in range(n):
         rec = dict(records[i % len(records)])

@@ -19,7 +19,7 @@ from core.ingest import (
 from core.settings import get_settings
 from storage.lake import Lake
 
-NAMED_SOURCES = ("matbench_log_kvrh",)
+NAMED_SOURCES = ("matbench_log_kvrh", "seed")
 
 
 def source_name(source: str) -> str:
@@ -57,6 +57,8 @@ def ingest(
     progress: Callable[[Iterable[Record]], Iterable[Record]] = lambda it: it,
 ) -> IngestReport:
     """Ingest one source; a second ingest of the same source adds nothing."""
+    if source == "seed":
+        return ingest_seed(lake, run_id=run_id)
     name = name or source_name(source)
     records = read_source(source, properties_csv)
     known_structures = {r["structure_id"] for r in lake.query("SELECT structure_id FROM structures").to_pylist()}
@@ -75,3 +77,22 @@ def ingest(
     lake.append("properties", out.properties, run_id=run_id)
     lake.append("quarantine", out.quarantine, run_id=run_id)
     return out.report
+
+
+def ingest_seed(lake: Lake, run_id: str | None = None) -> IngestReport:
+    """The committed, FAM-labeled seed set (``core/data/seed.parquet``): rows the lake lacks are added."""
+    from core.seed import SOURCE, lake_rows
+
+    rows = lake_rows()
+    have = {r["structure_id"] for r in lake.query("SELECT structure_id FROM structures").to_pylist()}
+    labels = {
+        (r["structure_id"], r["name"], r["method"])
+        for r in lake.query("SELECT structure_id, name, method FROM properties").to_pylist()
+    }
+    structures = [r for r in rows["structures"] if r["structure_id"] not in have]
+    properties = [r for r in rows["properties"] if (r["structure_id"], r["name"], r["method"]) not in labels]
+    lake.append("structures", structures, run_id=run_id)
+    lake.append("properties", properties, run_id=run_id)
+    report = IngestReport(SOURCE, read=len(rows["structures"]), landed=len(structures))
+    report.already_present = report.read - report.landed
+    return report

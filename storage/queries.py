@@ -32,3 +32,22 @@ def labeled_k_vrh(lake: Lake, split: str | None = None) -> pa.Table:
         """,
         [split] if split else None,
     )
+
+
+def funnel(lake: Lake, iteration: int) -> list[dict]:
+    """Per target: how many candidates reached each stage, the CGCNN MAPE, and DFT K statistics."""
+    return lake.query(
+        """
+        SELECT target,
+               count(*) AS n_kept,
+               count(*) FILTER (WHERE gnn_verdict = 'pass') AS n_gnn_pass,
+               count(*) FILTER (WHERE fam_verdict = 'pass') AS n_fam_pass,
+               count(*) FILTER (WHERE status = 'labeled') AS n_labeled,
+               count(*) FILTER (WHERE status = 'failed') AS n_failed,
+               avg(abs(gnn_k - target) / target) AS mape_gnn,
+               avg(dft_k) FILTER (WHERE status = 'labeled') AS dft_k_mean,
+               stddev_samp(dft_k) FILTER (WHERE status = 'labeled') AS dft_k_std
+        FROM candidates WHERE iteration = ? GROUP BY target ORDER BY target
+        """,
+        [iteration],
+    ).to_pylist()

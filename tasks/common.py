@@ -8,12 +8,14 @@ finished iteration, in this process or another, recomputes nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
 
 from storage import Lake
@@ -48,3 +50,11 @@ def compute_task(**options: Any) -> Callable[[Callable[..., Any]], Any]:
 def in_lake(task_obj: Any, lake_url: str) -> Any:
     """The task with its results stored in this lake (call it where the lake is known)."""
     return task_obj.with_options(result_storage=result_storage(lake_url))
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run logger inside a run; this module's logger when called as a plain function."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)

@@ -33,4 +33,4 @@ def main(
 
 
 # Sub-command modules register themselves on ``app`` / ``train_app``.
-from flows.cli import lake  # noqa: E402,F401
+from flows.cli import elastic, generator, lake, predictor, workflow  # noqa: E402,F401

@@ -1,0 +1,95 @@
+"""Bulk modulus of bcc W and fcc Ir with GPAW presets, through the platform and raw.
+
+For each element and preset: the ``label`` flow on a throwaway lake (Prefect tasks, cache,
+``jobs`` rows, properties) gives K_vrh, the EOS K and the wall time; the same relaxation and
+strain/EOS points run raw (core.dft.run_relax/run_point in a plain loop, no Prefect, no lake) give
+the platform's overhead. References: PBE K of W 305.6 GPa and Ir 348.5 GPa (this machine, GPAW
+600 eV, 16^3 k-points, Birch-Murnaghan).
+
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/dft.py [--presets test gpaw-tight]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from ase.build import bulk
+
+from core.dft import preset, resolve, run_point, run_relax
+from core.elastic import ElasticSettings, deformations, fit
+from core.structures import from_atoms, split_of, to_row
+from flows.label import LabelParams, label
+from storage import Lake
+from storage.candidates import advance
+
+CELLS = {"W": ("bcc", 3.172, 305.6), "Ir": ("fcc", 3.875, 348.5)}
+"""element: (lattice, starting lattice constant Å, PBE reference K GPa)."""
+
+
+def raw(atoms, preset_name: str) -> tuple[float, float | None, float]:
+    """K_vrh, EOS K and wall time of the calculation without the platform."""
+    start = time.perf_counter()
+    settings = resolve(preset(preset_name), atoms)
+    relaxed, _, _ = run_relax(atoms, settings)
+    settings = resolve(settings.model_copy(update={"kpts": None}), relaxed)
+    es = ElasticSettings()
+    plan = deformations(relaxed, es)
+    result = fit(relaxed, plan, {d.label: run_point(d.atoms, settings, es) for d in plan}, es)
+    return result.k_vrh, result.eos_k, time.perf_counter() - start
+
+
+def platform(atoms, preset_name: str) -> tuple[float | None, float | None, float]:
+    """K_vrh, EOS K and wall time through the label flow on a fresh lake."""
+    with tempfile.TemporaryDirectory(prefix="matloop-bench-") as tmp:
+        lake = Lake(f"{tmp}/lake")
+        row = to_row(from_atoms(atoms))
+        lake.append("structures", [{**row, "source": "benchmark", "split": split_of(row["structure_id"])}])
+        advance(
+            lake,
+            [{"iteration": 0, "structure_id": row["structure_id"], "target": 300.0, "status": "fam_pass"}],
+            stage="benchmark",
+        )
+        start = time.perf_counter()
+        outcome = label(LabelParams(lake_url=lake.url, preset=preset_name))[0]
+        wall = time.perf_counter() - start
+        eos = lake.query("SELECT value FROM properties WHERE name = 'eos_k'").column(0).to_pylist()
+        return outcome.k_vrh, eos[0] if eos else None, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["test", "gpaw-tight"])
+    parser.add_argument("--elements", nargs="+", default=list(CELLS))
+    parser.add_argument("--raw-presets", nargs="*", default=["test"], help="presets also run raw, for the overhead")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:  # start the ephemeral Prefect server outside the timings
+        label(LabelParams(lake_url=f"{tmp}/lake"))
+    print(
+        f"{'element':8}{'preset':12}{'K_vrh':>8}{'K_eos':>8}{'ref':>8}{'err %':>8}{'wall s':>9}"
+        f"{'raw s':>8}{'overhead s':>11}"
+    )
+    for element in args.elements:
+        lattice, a, ref = CELLS[element]
+        atoms = bulk(element, lattice, a=a)
+        for name in args.presets:
+            k, k_eos, wall = platform(atoms, name)
+            raw_wall = raw(atoms, name)[2] if name in args.raw_presets else None
+            err = 100 * (k - ref) / ref if k else float("nan")
+            extra = f"{raw_wall:8.1f}{wall - raw_wall:11.1f}" if raw_wall else f"{'-':>8}{'-':>11}"
+            print(
+                f"{element:8}{name:12}{k or float('nan'):8.1f}{k_eos or float('nan'):8.1f}{ref:8.1f}{err:8.1f}"
+                f"{wall:9.1f}{extra}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The generator interface the flows program against, and the keep-the-best selection they share.
+
+Any conditional generator (this package's CDVAE, a diffusion model, MatterGen behind an adapter)
+implements ``Generator``: ``train`` on labelled structures, ``sample`` crystals for target
+property values with a seed, ``score`` structures with its own property head, ``save``/``load``
+a checkpoint. The flows only call these, so a new generator plugs in by registering its class in
+``GENERATORS`` (core/generator/__init__.py) under the ``generator`` name its checkpoints carry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pymatgen.core import Structure
+
+from core.metrics import sample_problem
+from core.structures import structure_id
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """Generated structures with the target each was asked for and the generator's property score (GPa)."""
+
+    structures: list[Structure]
+    targets: np.ndarray
+    scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not len(self.structures) == len(self.targets) == len(self.scores):
+            raise ValueError("structures, targets and scores must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.structures)
+
+    def take(self, indices: Sequence[int]) -> SampleBatch:
+        """The samples at ``indices``, in that order."""
+        idx = np.asarray(indices, dtype=int)
+        return SampleBatch([self.structures[i] for i in idx], self.targets[idx], self.scores[idx])
+
+
+class Generator(ABC):
+    """A conditional crystal generator: targets in, structures and property-head scores out."""
+
+    name: ClassVar[str]
+    """Written into every checkpoint so ``load_generator`` finds the class again."""
+
+    @abstractmethod
+    def train(
+        self, structures: Sequence[Structure], k_vrh: Sequence[float], *, progress: bool = False
+    ) -> dict[str, Any]:
+        """Fit on structures labelled with K_vrh (GPa); returns training metrics."""
+
+    @abstractmethod
+    def sample(self, targets: Sequence[float], n: int, seed: int) -> SampleBatch:
+        """``n`` structures per target K_vrh (GPa), reproducible for a given seed, scored by the property head."""
+
+    @abstractmethod
+    def score(self, structures: Sequence[Structure]) -> np.ndarray:
+        """The property head's K_vrh (GPa) for each structure."""
+
+    def latents(self, structures: Sequence[Structure]) -> np.ndarray:
+        """The generator's latent code of each structure, shape (n, latent_dim) (e.g. for a t-SNE plot).
+
+        Optional: a generator without an encoder (a plain diffusion model) has no latent per structure.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no latent space: it does not implement latents()")
+
+    @abstractmethod
+    def save(self, path: str | Path) -> Path:
+        """Write a safe checkpoint (tensors and JSON only, loadable with ``weights_only=True``)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Generator:
+        """Read a checkpoint written by ``save``."""
+
+    @property
+    @abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """The hyperparameters, as JSON-able data (for the models table)."""
+
+
+def keep_best(batch: SampleBatch, n_kept: int) -> SampleBatch:
+    """Per target, the ``n_kept`` valid, distinct structures whose score is closest (relatively) to the target.
+
+    Samples are ranked by |score - target| / target and taken from the top while skipping invalid
+    structures (``core.metrics.sample_problem``) and duplicates (same ``structure_id``), so only the few
+    structures that can be kept are checked. A target may get fewer than ``n_kept`` if too few
+    samples are valid and distinct.
+    """
+    if n_kept < 1:
+        raise ValueError("n_kept must be at least 1")
+    keep: list[int] = []
+    for target in np.unique(batch.targets):
+        idx = np.flatnonzero(batch.targets == target)
+        err = np.abs(batch.scores[idx] - target) / max(abs(float(target)), 1e-9)
+        seen: set[str] = set()
+        for i in idx[np.argsort(err, kind="stable")]:
+            s = batch.structures[i]
+            if sample_problem(s) is not None:
+                continue
+            sid = structure_id(s)
+            if sid in seen:
+                continue
+            seen.add(sid)
+            keep.append(int(i))
+            if len(seen) == n_kept:
+                break
+    return batch.take(keep)
+
+
+def generate(
+    generator: Generator, targets: Sequence[float], n_kept: int, samples_per_kept: int, seed: int
+) -> SampleBatch:
+    """Sample ``n_kept * samples_per_kept`` structures per target and keep the best ``n_kept`` (the 1/N rule)."""
+    if samples_per_kept < 1:
+        raise ValueError("samples_per_kept must be at least 1")
+    return keep_best(generator.sample(targets, n_kept * samples_per_kept, seed), n_kept)

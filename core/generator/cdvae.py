@@ -1,0 +1,697 @@
+"""A Con-CDVAE-style conditional crystal VAE on torch and torch-geometric.
+
+Model. A periodic GNN encodes a crystal (Niggli cell, at most ``max_atoms`` sites) to a latent z.
+From z, MLP decoders give the number of atoms, the lattice and the composition; a property
+head gives log K_vrh. A noise-conditioned denoiser over the fully connected graph of the cell
+predicts, from noisy atom types and fractional coordinates, the clean types and the score of
+wrapped-normal noise on the fractional coordinates. The lattice is coded as the Cholesky factor
+of the cell's metric tensor, scaled by N^(1/3), diagonal as logs (``lattice_params``): rotation
+invariant, and every decoded value is a cell of positive volume (lengths and angles would let a
+decoder emit impossible angle triples). Every graph layer (``CSPLayer``) is DiffCSP's CSPNet
+layer: messages from the two node states, the lattice and periodic Fourier features of the
+fractional-coordinate difference, so features are invariant to translation, rotation and
+periodic images, and nothing needs a neighbour list (cells are small, the graph is complete).
+
+Training, as in Con-CDVAE, has two steps: (1) the VAE with its property head, loss weights
+natom 1, coord 10, type 1, lattice 10, composition 1, property 3 (plus a small KL term); (2) a
+prior that maps a target K (plus noise) to z: a conditional diffusion model in latent space
+(``LatentPrior``), fitted to the encoder means of the training crystals and their K.
+
+Sampling: z from the prior at the target K (clamped clean-latent estimates, see
+``LatentPrior.sample``); number of atoms, lattice and composition from the decoders; types from
+the composition rounded to the number of atoms, coordinates uniform; then annealed Langevin
+dynamics down the noise levels (a reverse-diffusion predictor step plus Langevin corrector
+steps per level), types set to the denoiser's argmax at each step; last, a short repulsion
+separates any atoms left closer than about half a nearest-neighbour distance (``repel``). Each
+sample is scored by re-encoding it and reading the property head. All randomness flows from one
+seeded ``torch.Generator``, so a seed reproduces a batch on a given device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pymatgen.core import Element, Lattice, Structure
+from torch import Tensor, nn
+from torch_geometric.utils import scatter
+from tqdm.auto import tqdm
+
+from core.generator.base import Generator, SampleBatch
+from core.generator.configs import CDVAEConfig
+
+CHECKPOINT_FORMAT = 2
+_LAT_DIM = 6
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class CrystalTensors:
+    """A batch of crystals as flat tensors: one row per atom (``types``, ``frac``, ``batch``), one per crystal."""
+
+    types: Tensor  # (N,) vocabulary index
+    frac: Tensor  # (N, 3) in [0, 1)
+    lattice: Tensor  # (B, 6) ``lattice_params``, not standardized
+    num_atoms: Tensor  # (B,)
+    batch: Tensor  # (N,) crystal index of each atom
+
+    @property
+    def n_crystals(self) -> int:
+        return int(self.num_atoms.numel())
+
+    def to(self, device: torch.device | str) -> CrystalTensors:
+        parts = (self.types, self.frac, self.lattice, self.num_atoms, self.batch)
+        return CrystalTensors(*(t.to(device) for t in parts))
+
+
+@dataclass
+class _Crystal:
+    types: np.ndarray
+    frac: np.ndarray
+    lattice: np.ndarray
+
+
+_TRIL = (np.array([0, 1, 1, 2, 2, 2]), np.array([0, 0, 1, 0, 1, 2]))
+_DIAG = np.array([True, False, True, False, False, True])
+
+
+def lattice_params(matrix: np.ndarray, n_atoms: int) -> np.ndarray:
+    """Six numbers for a cell: the lower Cholesky factor of its metric tensor / N^(1/3), diagonal as logs."""
+    chol = np.linalg.cholesky(matrix @ matrix.T) / n_atoms ** (1 / 3)
+    values = chol[_TRIL]
+    values[_DIAG] = np.log(values[_DIAG])
+    return values
+
+
+def lattice_matrices(params: Tensor, num_atoms: Tensor) -> Tensor:
+    """The (B, 3, 3) lattices (rows are vectors, Å) of ``lattice_params`` rows; always of positive volume."""
+    diag = torch.as_tensor(_DIAG, device=params.device)
+    values = torch.where(diag, torch.exp(params.clamp(-10.0, 10.0)), params)
+    chol = params.new_zeros(len(params), 3, 3)
+    chol[:, _TRIL[0], _TRIL[1]] = values
+    return chol * num_atoms.to(params.dtype).pow(1 / 3).reshape(-1, 1, 1)
+
+
+def _crystal(structure: Structure, index: dict[str, int]) -> _Crystal:
+    """Niggli-reduced cell of a structure as arrays; raises ValueError for an element outside the vocabulary."""
+    reduced = structure.get_reduced_structure()
+    symbols = [site.specie.symbol for site in reduced]
+    unknown = sorted(set(symbols) - set(index))
+    if unknown:
+        raise ValueError(f"elements {unknown} are not in the generator's vocabulary")
+    lat = lattice_params(reduced.lattice.matrix, len(reduced))
+    return _Crystal(np.array([index[s] for s in symbols]), np.mod(reduced.frac_coords, 1.0), lat)
+
+
+def _collate(crystals: Sequence[_Crystal]) -> CrystalTensors:
+    num = torch.tensor([len(c.types) for c in crystals])
+    return CrystalTensors(
+        types=torch.from_numpy(np.concatenate([c.types for c in crystals])).long(),
+        frac=torch.from_numpy(np.concatenate([c.frac for c in crystals])).float(),
+        lattice=torch.from_numpy(np.stack([c.lattice for c in crystals])).float(),
+        num_atoms=num,
+        batch=torch.repeat_interleave(torch.arange(len(crystals)), num),
+    )
+
+
+def fully_connected_edges(num_atoms: Tensor) -> tuple[Tensor, Tensor]:
+    """(src, dst) of every ordered pair of distinct atoms within each crystal of a flat batch."""
+    device = num_atoms.device
+    ptr = torch.cumsum(num_atoms, 0) - num_atoms
+    counts = num_atoms * num_atoms
+    crystal = torch.repeat_interleave(torch.arange(num_atoms.numel(), device=device), counts)
+    first_edge = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    local = torch.arange(int(counts.sum()), device=device) - first_edge
+    n = num_atoms[crystal]
+    src = local // n + ptr[crystal]
+    dst = local % n + ptr[crystal]
+    keep = src != dst
+    return src[keep], dst[keep]
+
+
+def fourier_features(delta: Tensor, n_freq: int) -> Tensor:
+    """sin and cos of 2πk·Δf for k = 1..n_freq: periodic in each fractional coordinate."""
+    k = torch.arange(1, n_freq + 1, device=delta.device, dtype=delta.dtype)
+    angle = 2 * math.pi * delta.unsqueeze(-1) * k
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).flatten(1)
+
+
+def wrapped_normal_score(delta: Tensor, sigma: Tensor, n_images: int = 3) -> Tensor:
+    """∇ log of the wrapped normal density (period 1) at displacement ``delta``; sigma broadcasts per row."""
+    k = torch.arange(-n_images, n_images + 1, device=delta.device, dtype=delta.dtype)
+    x = delta.unsqueeze(-1) + k
+    s2 = (sigma**2).reshape(-1, *([1] * (x.dim() - 1)))
+    w = torch.softmax(-(x**2) / (2 * s2), dim=-1)
+    return -(w * x).sum(-1) / s2.squeeze(-1)
+
+
+_IMAGES = torch.tensor([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=torch.float)
+
+
+def repel(
+    frac: Tensor, lattices: Tensor, batch: Tensor, edges: tuple[Tensor, Tensor], radius: Tensor, steps: int
+) -> Tensor:
+    """Fractional coordinates moved so that no two atoms are closer than their crystal's ``radius`` (Å).
+
+    Position-based projection: each step, every pair closer than ``radius`` (nearest of the 27
+    neighbouring periodic images) is pushed apart along its separation, each atom by half the
+    overlap, in Cartesian space. Atoms already ``radius`` apart do not move, so the step only
+    touches the overlapping pairs the denoiser left behind.
+    """
+    src, dst = edges
+    if steps == 0 or src.numel() == 0:
+        return frac
+    images = _IMAGES.to(frac)
+    inv = torch.linalg.inv(lattices)
+    lat_e, r_e = lattices[batch[dst]], radius[batch[dst]]
+    for _ in range(steps):
+        delta = frac[dst] - frac[src]
+        delta = delta - torch.round(delta)
+        vec = torch.einsum("eki,eij->ekj", delta.unsqueeze(1) + images, lat_e)  # (E, 27, 3) Cartesian
+        dist, nearest = vec.norm(dim=-1).min(dim=1)
+        overlap = (r_e - dist).clamp_min(0.0)
+        if not bool((overlap > 0).any()):
+            break
+        direction = vec[torch.arange(len(vec), device=vec.device), nearest] / dist.clamp_min(1e-6).unsqueeze(-1)
+        push = scatter(0.5 * overlap.unsqueeze(-1) * direction, dst, dim=0, dim_size=len(frac), reduce="sum")
+        frac = torch.remainder(frac + torch.einsum("ni,nij->nj", push, inv[batch]), 1.0)
+    return frac
+
+
+def composition_types(comp: Tensor, num_atoms: Tensor) -> Tensor:
+    """Atom types of each crystal in a flat batch: ``num_atoms`` times ``comp`` rounded by largest remainder.
+
+    Drawing each atom's type independently from the composition would give a 4-atom AB3 crystal
+    its 1:3 counts only 42 % of the time; rounding the expected counts keeps the decoded
+    stoichiometry. Atoms come grouped by crystal (coordinates start uniform, so order is irrelevant).
+    """
+    expected = comp * num_atoms.unsqueeze(-1)
+    counts = expected.floor().long()
+    missing = num_atoms - counts.sum(-1)
+    rank = torch.argsort(torch.argsort(expected - counts, dim=-1, descending=True, stable=True), dim=-1)
+    counts = counts + (rank < missing.unsqueeze(-1)).long()
+    vocab = torch.arange(comp.size(-1), device=comp.device).expand_as(counts)
+    return torch.repeat_interleave(vocab.flatten(), counts.flatten())
+
+
+def _mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    width = n_in
+    for _ in range(layers - 1):
+        mods += [nn.Linear(width, hidden), nn.SiLU()]
+        width = hidden
+    mods.append(nn.Linear(width, n_out))
+    return nn.Sequential(*mods)
+
+
+# ---------------------------------------------------------------- networks
+class CSPLayer(nn.Module):
+    """One CSPNet message-passing layer over the complete graph of each cell (pre-norm, residual).
+
+    The first edge layer acts on [h_dst, h_src, lattice, Fourier(Δf)]; it is applied as a sum of
+    per-part projections so node terms are computed once per node rather than once per edge.
+    """
+
+    def __init__(self, hidden: int, n_freq: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.w_dst = nn.Linear(hidden, hidden)
+        self.w_src = nn.Linear(hidden, hidden, bias=False)
+        self.w_lat = nn.Linear(_LAT_DIM, hidden, bias=False)
+        self.w_fourier = nn.Linear(6 * n_freq, hidden, bias=False)
+        self.edge = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.node = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, h: Tensor, fourier: Tensor, lat: Tensor, batch: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+        """``fourier``: per-edge ``fourier_features(frac[src] - frac[dst])``; ``lat``: standardized lattice."""
+        hn = self.norm(h)
+        node_term = self.w_dst(hn) + self.w_lat(lat)[batch]
+        msg = self.edge(node_term[dst] + self.w_src(hn)[src] + self.w_fourier(fourier))
+        agg = scatter(msg, dst, dim=0, dim_size=h.size(0), reduce="mean")
+        return h + self.node(torch.cat([hn, agg], dim=-1))
+
+
+class CDVAE(nn.Module):
+    """Encoder, decoders, property head and denoiser; data statistics and noise levels live in buffers."""
+
+    def __init__(self, config: CDVAEConfig, n_types: int) -> None:
+        super().__init__()
+        c, h = config, config.hidden
+        self.config = config
+        self.enc_embed = nn.Embedding(n_types, h)
+        self.enc_layers = nn.ModuleList(CSPLayer(h, c.n_freq) for _ in range(c.encoder_layers))
+        self.enc_out = _mlp(h, h, 2 * c.latent_dim)
+        self.dec_natom = _mlp(c.latent_dim, h, c.max_atoms)
+        self.dec_lattice = _mlp(c.latent_dim, h, _LAT_DIM)
+        self.dec_comp = _mlp(c.latent_dim, h, n_types)
+        self.prop_head = _mlp(c.latent_dim, h, 1)
+        self.den_embed = nn.Embedding(n_types, h)
+        self.den_cond = nn.Linear(c.latent_dim + 1, h)
+        self.den_layers = nn.ModuleList(CSPLayer(h, c.n_freq) for _ in range(c.denoiser_layers))
+        self.den_coord = _mlp(h, h, 3)
+        self.den_type = _mlp(h, h, n_types)
+        sigmas = torch.exp(torch.linspace(math.log(c.sigma_max), math.log(c.sigma_min), c.n_noise_levels))
+        self.register_buffer("sigmas", sigmas)  # descending
+        self.register_buffer("sigma_norm", self._sigma_norm(sigmas))
+        self.register_buffer("lat_mean", torch.zeros(_LAT_DIM))
+        self.register_buffer("lat_std", torch.ones(_LAT_DIM))
+        self.register_buffer("logk_mean", torch.zeros(()))
+        self.register_buffer("logk_std", torch.ones(()))
+
+    @staticmethod
+    def _sigma_norm(sigmas: Tensor, n: int = 20000) -> Tensor:
+        """E[(σ·score)^2] per level, so every level's coordinate loss has unit scale (as in DiffCSP)."""
+        gen = torch.Generator().manual_seed(0)
+        eps = torch.randn(n, generator=gen)
+        return torch.stack([(s * wrapped_normal_score(s * eps, s.expand(n))).pow(2).mean() for s in sigmas])
+
+    # ---- statistics ----
+    def standardize_lattice(self, lattice: Tensor) -> Tensor:
+        return (lattice - self.lat_mean) / self.lat_std
+
+    def k_from_standard(self, y: Tensor) -> Tensor:
+        """K_vrh in GPa from the standardized log K the heads work in."""
+        return torch.exp(y * self.logk_std + self.logk_mean)
+
+    def k_to_standard(self, k: Tensor) -> Tensor:
+        return (torch.log(k.clamp_min(1e-3)) - self.logk_mean) / self.logk_std
+
+    # ---- encoder / heads ----
+    def encode(self, x: CrystalTensors) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of q(z | crystal)."""
+        src, dst = fully_connected_edges(x.num_atoms)
+        lat = self.standardize_lattice(x.lattice)
+        h = self.enc_embed(x.types)
+        fourier = fourier_features(x.frac[src] - x.frac[dst], self.config.n_freq)
+        for layer in self.enc_layers:
+            h = layer(h, fourier, lat, x.batch, src, dst)
+        pooled = scatter(h, x.batch, dim=0, dim_size=x.n_crystals, reduce="mean")
+        mu, logvar = self.enc_out(pooled).chunk(2, dim=-1)
+        return mu, logvar.clamp(-10, 10)
+
+    def predict_k(self, z: Tensor) -> Tensor:
+        """The property head's K_vrh (GPa) for latents z."""
+        return self.k_from_standard(self.prop_head(z).squeeze(-1))
+
+    def denoise(
+        self,
+        z: Tensor,
+        types: Tensor,
+        frac: Tensor,
+        lat_std: Tensor,
+        batch: Tensor,
+        edges: tuple[Tensor, Tensor],
+        level: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """(σ·score of the coordinate noise / its RMS at the level, type logits) per atom.
+
+        ``level`` is each crystal's noise-level index. The coordinate output is normalized so the
+        network predicts unit-scale numbers at every level: raw σ·score is 30 times smaller at the
+        largest σ than at the smallest, which a small network cannot modulate (the coordinate loss
+        then barely fell).
+        """
+        log_sigma = torch.log(self.sigmas[level]).unsqueeze(-1)
+        cond = self.den_cond(torch.cat([z, log_sigma], dim=-1))
+        h = self.den_embed(types) + cond[batch]
+        src, dst = edges
+        fourier = fourier_features(frac[src] - frac[dst], self.config.n_freq)
+        for layer in self.den_layers:
+            h = layer(h, fourier, lat_std, batch, src, dst)
+        return self.den_coord(h), self.den_type(h)
+
+    # ---- training loss ----
+    def losses(self, x: CrystalTensors, k: Tensor) -> dict[str, Tensor]:
+        """The unweighted VAE loss terms for a batch (uses the global torch RNG)."""
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        lat_std = self.standardize_lattice(x.lattice)
+        comp = scatter(F.one_hot(x.types, self.enc_embed.num_embeddings).float(), x.batch, 0, x.n_crystals, "mean")
+        out: dict[str, Tensor] = {
+            "natom": F.cross_entropy(self.dec_natom(z), x.num_atoms - 1),
+            "lattice": F.mse_loss(self.dec_lattice(z), lat_std),
+            "composition": -(comp * F.log_softmax(self.dec_comp(z), -1)).sum(-1).mean(),
+            "property": F.mse_loss(self.prop_head(z).squeeze(-1), self.k_to_standard(k)),
+            "kl": (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(-1)).mean(),
+        }
+        level = torch.randint(0, len(self.sigmas), (x.n_crystals,), device=z.device)
+        sigma = self.sigmas[level][x.batch]
+        noisy = torch.remainder(x.frac + sigma.unsqueeze(-1) * torch.randn_like(x.frac), 1.0)
+        target = sigma.unsqueeze(-1) * wrapped_normal_score(noisy - x.frac, sigma)
+        target = target / self.sigma_norm[level][x.batch].sqrt().unsqueeze(-1)
+        # type noise: the larger sigma, the more atoms get a type drawn from the crystal's composition
+        c = self.config
+        t = (torch.log(sigma) - math.log(c.sigma_min)) / math.log(c.sigma_max / c.sigma_min)
+        swap = torch.rand_like(t) < t
+        drawn = torch.multinomial(comp[x.batch], 1).squeeze(-1)
+        noisy_types = torch.where(swap, drawn, x.types)
+        pred, logits = self.denoise(z, noisy_types, noisy, lat_std, x.batch, fully_connected_edges(x.num_atoms), level)
+        out["coord"] = ((pred - target) ** 2).sum(-1).mean()
+        out["type"] = F.cross_entropy(logits, x.types)
+        return out
+
+    # ---- sampling ----
+    @torch.no_grad()
+    def decode(self, z: Tensor, gen: torch.Generator) -> CrystalTensors:
+        """Crystals from latents by annealed Langevin dynamics down the noise levels, then a short repulsion.
+
+        Per level: ``corrector_steps`` Langevin corrector steps, then a reverse-diffusion predictor
+        step. Last, ``repel`` separates atoms closer than ``repulsion_radius`` times the cube root
+        of the volume per atom (0.6 by default, about half of any metal's nearest-neighbour
+        distance), the minimum-distance-aware final step of score-based crystal samplers.
+        """
+        c = self.config
+        device = z.device
+        num_atoms = self.dec_natom(z).argmax(-1) + 1
+        lat_std = self.dec_lattice(z)
+        comp = torch.softmax(self.dec_comp(z), -1)
+        batch = torch.repeat_interleave(torch.arange(len(z), device=device), num_atoms)
+        types = composition_types(comp, num_atoms)
+        frac = torch.rand(len(batch), 3, generator=gen, device=device)
+        edges = fully_connected_edges(num_atoms)
+        n_levels = len(self.sigmas)
+        for i in range(n_levels):
+            sigma, scale = self.sigmas[i], self.sigma_norm[i].sqrt()
+            sigma_next = self.sigmas[i + 1] if i + 1 < n_levels else torch.zeros((), device=device)
+            level = torch.full((len(z),), i, device=device, dtype=torch.long)
+            for _ in range(c.corrector_steps):  # Langevin corrector at this level
+                pred, logits = self.denoise(z, types, frac, lat_std, batch, edges, level)
+                types = logits.argmax(-1)
+                step = c.corrector_step * sigma**2
+                noise = torch.randn(frac.shape, generator=gen, device=device)
+                frac = torch.remainder(frac + step * scale * pred / sigma + torch.sqrt(2 * step) * noise, 1.0)
+            pred, logits = self.denoise(z, types, frac, lat_std, batch, edges, level)  # reverse-diffusion predictor
+            types = logits.argmax(-1)
+            var = sigma**2 - sigma_next**2
+            noise = torch.randn(frac.shape, generator=gen, device=device)
+            frac = torch.remainder(
+                frac + var * scale * pred / sigma + torch.sqrt(var) * noise * (i + 1 < n_levels), 1.0
+            )
+        lattice = lat_std * self.lat_std + self.lat_mean
+        matrices = lattice_matrices(lattice, num_atoms)
+        radius = c.repulsion_radius * (torch.linalg.det(matrices).abs() / num_atoms).pow(1 / 3)
+        frac = repel(frac, matrices, batch, edges, radius, c.repulsion_steps)
+        return CrystalTensors(types, frac, lattice, num_atoms, batch)
+
+
+class LatentPrior(nn.Module):
+    """p(z | K): conditional DDPM over standardized latents (cosine schedule, ε-prediction, K dropout for guidance)."""
+
+    def __init__(self, latent_dim: int, hidden: int, layers: int, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+        s = 0.008
+        t = torch.linspace(0, 1, steps + 1)
+        abar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+        self.register_buffer("betas", betas)
+        self.register_buffer("abar", torch.cumprod(1 - betas, 0))
+        self.register_buffer("z_mean", torch.zeros(latent_dim))
+        self.register_buffer("z_std", torch.ones(latent_dim))
+        self.net = _mlp(latent_dim + 16 + 2, hidden, latent_dim, layers=layers + 1)
+
+    def _eps(self, zt: Tensor, t: Tensor, y: Tensor, has_y: Tensor) -> Tensor:
+        freqs = torch.exp(torch.linspace(0, math.log(1000), 8, device=zt.device))
+        ang = (t.float() / self.steps).unsqueeze(-1) * freqs
+        cond = torch.stack([y * has_y, has_y], dim=-1)
+        return self.net(torch.cat([zt, torch.sin(ang), torch.cos(ang), cond], dim=-1))
+
+    def loss(self, z: Tensor, y: Tensor, cond_dropout: float) -> Tensor:
+        """Denoising loss on a batch of latents z with standardized log K ``y``."""
+        z0 = (z - self.z_mean) / self.z_std
+        t = torch.randint(0, self.steps, (len(z),), device=z.device)
+        eps = torch.randn_like(z0)
+        ab = self.abar[t].unsqueeze(-1)
+        has_y = (torch.rand(len(z), device=z.device) >= cond_dropout).float()
+        return F.mse_loss(self._eps(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, y, has_y), eps)
+
+    @torch.no_grad()
+    def sample(self, y: Tensor, gen: torch.Generator, guidance: float, clip: float) -> Tensor:
+        """One latent per entry of ``y`` (standardized log K), by ancestral sampling through the clean-latent estimate.
+
+        Each step estimates the clean (standardized) latent from the predicted noise, clamps it to
+        ``[-clip, clip]`` and takes the posterior q(z_{t-1} | z_t, z_0) as in DDPM's clipped sampler. The
+        plain ε-form divides by sqrt(1 - beta_t), which is 0.03 at the cosine schedule's last step, so any
+        error in ε was amplified 30-fold and the latents left the training distribution (norms ten times
+        too large, decoded into sliver cells).
+        """
+        device = y.device
+        zt = torch.randn(len(y), len(self.z_mean), generator=gen, device=device)
+        ones, zeros = torch.ones_like(y), torch.zeros_like(y)
+        for step in reversed(range(self.steps)):
+            t = torch.full((len(y),), step, device=device, dtype=torch.long)
+            eps = self._eps(zt, t, y, ones)
+            if guidance != 1.0:
+                eps_u = self._eps(zt, t, y, zeros)
+                eps = eps_u + guidance * (eps - eps_u)
+            beta, ab = self.betas[step], self.abar[step]
+            z0 = ((zt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-clip, clip)
+            if step == 0:
+                zt = z0
+                break
+            ab_prev = self.abar[step - 1]
+            mean = (ab_prev.sqrt() * beta * z0 + (1 - beta).sqrt() * (1 - ab_prev) * zt) / (1 - ab)
+            var = beta * (1 - ab_prev) / (1 - ab)
+            zt = mean + var.sqrt() * torch.randn(zt.shape, generator=gen, device=device)
+        return zt * self.z_std + self.z_mean
+
+
+# ---------------------------------------------------------------- the generator
+def _device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+class CDVAEGenerator(Generator):
+    """The conditional crystal VAE behind the ``Generator`` interface."""
+
+    name: ClassVar[str] = "cdvae"
+
+    def __init__(self, config: CDVAEConfig, device: str | None = None) -> None:
+        self.config = config
+        self.device = _device(device)
+        self.vocab: list[str] = []
+        self.vae: CDVAE | None = None
+        self.prior: LatentPrior | None = None
+        self.metrics: dict[str, Any] = {}
+
+    # ---- helpers ----
+    def _build(self, vocab: list[str]) -> None:
+        c = self.config
+        self.vocab = vocab
+        self.vae = CDVAE(c, len(vocab)).to(self.device)
+        self.prior = LatentPrior(c.latent_dim, c.prior_hidden, c.prior_layers, c.prior_steps).to(self.device)
+
+    def _ready(self) -> tuple[CDVAE, LatentPrior]:
+        if self.vae is None or self.prior is None:
+            raise RuntimeError("the generator is not trained: call train() or load a checkpoint first")
+        return self.vae, self.prior
+
+    def featurize(self, structures: Sequence[Structure]) -> CrystalTensors:
+        """Structures as a tensor batch on the model's device (Niggli cells, vocabulary indices)."""
+        index = {s: i for i, s in enumerate(self.vocab)}
+        too_big = [len(s) for s in structures if len(s) > self.config.max_atoms]
+        if too_big:
+            raise ValueError(f"{len(too_big)} structures exceed max_atoms={self.config.max_atoms}")
+        return _collate([_crystal(s, index) for s in structures]).to(self.device)
+
+    def to_structures(self, x: CrystalTensors) -> list[Structure]:
+        """pymatgen Structures from a tensor batch."""
+        bounds = np.cumsum(x.num_atoms.cpu().numpy())[:-1]
+        types = np.split(x.types.cpu().numpy(), bounds)
+        fracs = np.split(x.frac.cpu().numpy().astype(float), bounds)
+        matrices = lattice_matrices(x.lattice.double(), x.num_atoms).cpu().numpy()
+        return [
+            Structure(Lattice(m), [self.vocab[i] for i in t], f) for t, f, m in zip(types, fracs, matrices, strict=True)
+        ]
+
+    @torch.no_grad()
+    def _score_tensors(self, x: CrystalTensors) -> Tensor:
+        vae, _ = self._ready()
+        vae.eval()
+        mu, _ = vae.encode(x)
+        return vae.predict_k(mu)
+
+    @torch.no_grad()
+    def latents(self, structures: Sequence[Structure]) -> np.ndarray:
+        """Encoder means of q(z | crystal), shape (n, latent_dim), encoded in batches of ``sample_batch``."""
+        vae, _ = self._ready()
+        vae.eval()
+        parts = [np.zeros((0, self.config.latent_dim))]
+        for start in range(0, len(structures), self.config.sample_batch):
+            mu, _ = vae.encode(self.featurize(structures[start : start + self.config.sample_batch]))
+            parts.append(mu.cpu().numpy().astype(float))
+        return np.concatenate(parts)
+
+    # ---- training ----
+    def train(
+        self, structures: Sequence[Structure], k_vrh: Sequence[float], *, progress: bool = False
+    ) -> dict[str, Any]:
+        """Both training steps: the VAE with its property head, then the latent prior.
+
+        Structures with more than ``max_atoms`` sites or a non-positive K are skipped (counted in
+        the metrics). Returns per-term losses of the last epoch, the property head's MAPE on the
+        training set and the counts.
+        """
+        c = self.config
+        if len(structures) != len(k_vrh):
+            raise ValueError("structures and k_vrh must have the same length")
+        keep = [i for i, s in enumerate(structures) if len(s) <= c.max_atoms and k_vrh[i] > 0]
+        if len(keep) < 2:
+            raise ValueError(f"need at least 2 structures with <= {c.max_atoms} sites and K > 0, got {len(keep)}")
+        torch.manual_seed(c.seed)
+        symbols = {site.specie.symbol for i in keep for site in structures[i]}
+        self._build(sorted(symbols, key=lambda s: Element(s).Z))
+        vae, prior = self._ready()
+        index = {s: i for i, s in enumerate(self.vocab)}
+        crystals = [_crystal(structures[i], index) for i in keep]
+        k = torch.tensor([float(k_vrh[i]) for i in keep], device=self.device)
+        lat = torch.from_numpy(np.stack([x.lattice for x in crystals])).float().to(self.device)
+        vae.lat_mean.copy_(lat.mean(0))
+        vae.lat_std.copy_(lat.std(0).clamp_min(1e-3))
+        vae.logk_mean.copy_(torch.log(k).mean())
+        vae.logk_std.copy_(torch.log(k).std().clamp_min(1e-3))
+
+        weights = c.loss.model_dump()
+        opt = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.vae_epochs, eta_min=c.lr * 0.05)
+        last: dict[str, float] = {}
+        vae.train()
+        for _ in tqdm(range(c.vae_epochs), desc="VAE", disable=not progress):
+            sums = dict.fromkeys([*weights, "total"], 0.0)
+            for idx in torch.randperm(len(crystals)).split(c.batch_size):
+                x = _collate([crystals[i] for i in idx]).to(self.device)
+                terms = vae.losses(x, k[idx.to(self.device)])
+                total = sum(weights[name] * value for name, value in terms.items())
+                opt.zero_grad()
+                total.backward()
+                nn.utils.clip_grad_norm_(vae.parameters(), c.grad_clip)
+                opt.step()
+                for name, value in terms.items():
+                    sums[name] += float(value.detach()) * len(idx)
+                sums["total"] += float(total.detach()) * len(idx)
+            sched.step()
+            last = {name: value / len(crystals) for name, value in sums.items()}
+
+        vae.eval()
+        with torch.no_grad():
+            mus = torch.cat(
+                [
+                    vae.encode(_collate([crystals[i] for i in idx]).to(self.device))[0]
+                    for idx in torch.arange(len(crystals)).split(512)
+                ]
+            )
+        y = vae.k_to_standard(k)
+        prior.z_mean.copy_(mus.mean(0))
+        prior.z_std.copy_(mus.std(0).clamp_min(1e-4))
+        opt = torch.optim.AdamW(prior.parameters(), lr=c.prior_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.prior_epochs, eta_min=c.prior_lr * 0.05)
+        prior.train()
+        prior_loss = 0.0
+        for _ in tqdm(range(c.prior_epochs), desc="prior", disable=not progress):
+            total = 0.0
+            for idx in torch.randperm(len(crystals), device=self.device).split(c.batch_size):
+                loss = prior.loss(mus[idx], y[idx], c.prior_cond_dropout)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            sched.step()
+            prior_loss = total / len(crystals)
+        prior.eval()
+
+        with torch.no_grad():
+            k_head = vae.predict_k(mus)
+        self.metrics = {
+            "n_train": len(keep),
+            "n_skipped": len(structures) - len(keep),
+            "vae_loss": last,
+            "prior_loss": prior_loss,
+            "train_property_mape": float(((k_head - k).abs() / k).mean()),
+        }
+        return self.metrics
+
+    # ---- sampling ----
+    @torch.no_grad()
+    def sample(self, targets: Sequence[float], n: int, seed: int) -> SampleBatch:
+        """``n`` crystals per target K (GPa), decoded in batches of ``sample_batch``; same seed, same crystals."""
+        vae, prior = self._ready()
+        if n < 1 or not targets:
+            raise ValueError("need at least one target and n >= 1")
+        if any(t <= 0 for t in targets):
+            raise ValueError(f"targets must be positive K_vrh values in GPa, got {list(targets)}")
+        vae.eval()
+        prior.eval()
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        k_all = torch.tensor([float(t) for t in targets for _ in range(n)], device=self.device)
+        structures: list[Structure] = []
+        scores: list[Tensor] = []
+        for k in k_all.split(self.config.sample_batch):
+            z = prior.sample(vae.k_to_standard(k), gen, self.config.prior_guidance, self.config.prior_clip)
+            x = vae.decode(z, gen)
+            structures += self.to_structures(x)
+            scores.append(self._score_tensors(x))
+        return SampleBatch(structures, k_all.cpu().numpy().astype(float), torch.cat(scores).cpu().numpy().astype(float))
+
+    def score(self, structures: Sequence[Structure]) -> np.ndarray:
+        """The property head's K_vrh (GPa) of the encoder mean of each structure."""
+        if not structures:
+            return np.zeros(0)
+        return self._score_tensors(self.featurize(structures)).cpu().numpy().astype(float)
+
+    @torch.no_grad()
+    def reconstruct(self, structures: Sequence[Structure], seed: int) -> list[Structure]:
+        """Encode (mean of q(z|x)) and decode each structure: the VAE's reconstruction."""
+        vae, _ = self._ready()
+        vae.eval()
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        out: list[Structure] = []
+        for start in range(0, len(structures), self.config.sample_batch):
+            mu, _ = vae.encode(self.featurize(structures[start : start + self.config.sample_batch]))
+            out += self.to_structures(vae.decode(mu, gen))
+        return out
+
+    # ---- persistence ----
+    @property
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> Path:
+        """A checkpoint of tensors and JSON strings only (``torch.load(..., weights_only=True)`` reads it)."""
+        vae, prior = self._ready()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "generator": self.name,
+                "format": CHECKPOINT_FORMAT,
+                "config_json": json.dumps(self.config_dict, sort_keys=True),
+                "vocab": list(self.vocab),
+                "metrics_json": json.dumps(self.metrics, sort_keys=True),
+                "vae": {k: v.cpu() for k, v in vae.state_dict().items()},
+                "prior": {k: v.cpu() for k, v in prior.state_dict().items()},
+            },
+            path,
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> CDVAEGenerator:
+        """A generator from a checkpoint written by ``save`` (safe load: no pickled code runs)."""
+        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if ckpt.get("generator") != cls.name or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a {cls.name} checkpoint of format {CHECKPOINT_FORMAT}")
+        gen = cls(CDVAEConfig.model_validate_json(ckpt["config_json"]), device=device)
+        gen._build(list(ckpt["vocab"]))
+        vae, prior = gen._ready()
+        vae.load_state_dict(ckpt["vae"])
+        prior.load_state_dict(ckpt["prior"])
+        vae.eval()
+        prior.eval()
+        gen.metrics = json.loads(ckpt["metrics_json"])
+        return gen

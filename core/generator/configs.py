@@ -1,0 +1,97 @@
+"""Hyperparameters of the conditional crystal VAE, as pydantic models, with the named presets.
+
+``small`` trains on two CPU cores in a few minutes (tests, ``make demo``); ``paper`` follows the
+reference work's scale (about 600 VAE epochs and 500 prior epochs) and wants a GPU. A config is
+data: its settings hash goes into the model id, so a changed number means a new model.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LossWeights(BaseModel):
+    """Weights of the VAE loss terms (Con-CDVAE defaults) and the KL weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    natom: float = 1.0
+    coord: float = 10.0
+    type: float = 1.0
+    lattice: float = 10.0
+    composition: float = 1.0
+    property: float = 3.0
+    kl: float = 0.01
+
+
+class CDVAEConfig(BaseModel):
+    """Everything that defines a trained generator: architecture, noise schedule, training, sampling."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    # ---- architecture ----
+    hidden: int = Field(64, ge=8, description="width of node, edge and MLP layers")
+    latent_dim: int = Field(32, ge=2, description="size of the latent z")
+    encoder_layers: int = Field(3, ge=1)
+    denoiser_layers: int = Field(3, ge=1)
+    n_freq: int = Field(8, ge=1, description="Fourier frequencies of fractional-coordinate differences")
+    max_atoms: int = Field(20, ge=1, description="largest cell the model can decode; bigger cells are skipped")
+    # ---- noise ----
+    sigma_max: float = Field(0.5, gt=0, description="largest wrapped-normal noise on fractional coordinates")
+    sigma_min: float = Field(0.005, gt=0)
+    n_noise_levels: int = Field(50, ge=2)
+    # ---- training ----
+    loss: LossWeights = LossWeights()
+    vae_epochs: int = Field(60, ge=1)
+    prior_epochs: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    prior_lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    # ---- latent prior (conditional diffusion over z) ----
+    prior_hidden: int = Field(128, ge=8)
+    prior_layers: int = Field(3, ge=1)
+    prior_steps: int = Field(100, ge=2, description="diffusion steps of the latent prior")
+    prior_cond_dropout: float = Field(0.1, ge=0, lt=1, description="drop K during prior training (for guidance)")
+    prior_guidance: float = Field(1.0, ge=0, description="classifier-free guidance weight at sampling; 1 = plain")
+    prior_clip: float = Field(5.0, gt=0, description="clamp of the standardized clean-latent estimate while sampling")
+    # ---- sampling ----
+    corrector_steps: int = Field(1, ge=0, description="Langevin corrector steps per noise level")
+    corrector_step: float = Field(0.1, gt=0, description="Langevin step as a fraction of sigma^2")
+    repulsion_radius: float = Field(
+        0.6, ge=0, description="after denoising, push apart atoms closer than this times (volume per atom)^(1/3)"
+    )
+    repulsion_steps: int = Field(50, ge=0, description="projection steps of the final repulsion; 0 turns it off")
+    sample_batch: int = Field(512, ge=1, description="crystals decoded at once")
+
+
+PRESETS: dict[str, CDVAEConfig] = {
+    "small": CDVAEConfig(name="small", lr=2e-3),  # a short run on 2 cores: the larger step trains faster
+    "paper": CDVAEConfig(
+        name="paper",
+        hidden=256,
+        latent_dim=256,
+        encoder_layers=4,
+        denoiser_layers=6,
+        n_freq=32,
+        vae_epochs=600,
+        prior_epochs=500,
+        batch_size=256,
+        prior_hidden=512,
+        prior_layers=4,
+        prior_steps=200,
+        corrector_steps=2,
+        sample_batch=2048,
+    ),
+}
+
+
+def get_config(name: str) -> CDVAEConfig:
+    """The named preset; raises ValueError listing the presets for an unknown name."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown generator config {name!r}; presets: {', '.join(PRESETS)}") from None

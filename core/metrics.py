@@ -1,0 +1,136 @@
+"""Quality figures of generated crystals: validity, uniqueness, novelty, reconstruction, MAPE to target.
+
+Structure comparison uses pymatgen's StructureMatcher with CDVAE's tolerances (``MATCHER``),
+so two samples that differ only by noise-level displacements or cell setting count as the
+same crystal; candidates are bucketed by reduced formula first, since only structures with the
+same formula can match. The active-learning loop reports the same figures per iteration.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from pydantic import BaseModel
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Structure
+
+from core.structures import MIN_DISTANCE, validity_problem
+
+MATCHER = {"stol": 0.5, "angle_tol": 10.0, "ltol": 0.3}
+"""StructureMatcher tolerances of CDVAE's reconstruction and novelty metrics."""
+
+
+def _matcher() -> StructureMatcher:
+    return StructureMatcher(**MATCHER)
+
+
+def _by_formula(structures: Iterable[Structure]) -> dict[str, list[Structure]]:
+    buckets: dict[str, list[Structure]] = defaultdict(list)
+    for s in structures:
+        buckets[s.composition.reduced_formula].append(s)
+    return buckets
+
+
+def sample_problem(structure: Structure) -> str | None:
+    """Why a generated structure is invalid, or None: a sliver cell, then ``validity_problem``.
+
+    A cell whose opposite faces are closer than the minimum interatomic distance is rejected first:
+    it is unphysical for a small crystal, and a neighbour search over it needs millions of periodic
+    images (a decoded sliver cell would otherwise exhaust memory in ``min_distance``).
+    """
+    matrix = structure.lattice.matrix
+    if np.isfinite(matrix).all() and abs(np.linalg.det(matrix)) > 1e-12:
+        heights = 1.0 / np.linalg.norm(np.linalg.inv(matrix), axis=0)
+        if heights.min() < MIN_DISTANCE:
+            return f"sliver cell: faces {heights.min():.3f} Å apart"
+    return validity_problem(structure)
+
+
+def validity_problems(structures: Sequence[Structure]) -> list[str | None]:
+    """Per structure, why it is invalid (sliver cell, atoms closer than 0.5 Å, insane volume) or None."""
+    return [sample_problem(s) for s in structures]
+
+
+def validity(structures: Sequence[Structure]) -> float:
+    """Fraction of structures with no validity problem."""
+    if not structures:
+        return float("nan")
+    return sum(p is None for p in validity_problems(structures)) / len(structures)
+
+
+def distinct(structures: Sequence[Structure]) -> list[Structure]:
+    """One representative per group of matching structures (first seen wins)."""
+    reps: list[Structure] = []
+    matcher = _matcher()
+    for group in _by_formula(structures).values():
+        kept: list[Structure] = []
+        for s in group:
+            if not any(matcher.fit(s, r) for r in kept):
+                kept.append(s)
+        reps += kept
+    return reps
+
+
+def uniqueness(structures: Sequence[Structure]) -> float:
+    """Distinct structures (StructureMatcher classes) over all structures."""
+    if not structures:
+        return float("nan")
+    return len(distinct(structures)) / len(structures)
+
+
+def is_novel(structures: Sequence[Structure], reference: Sequence[Structure]) -> list[bool]:
+    """Per structure, True when no reference (training) structure matches it."""
+    ref = _by_formula(reference)
+    matcher = _matcher()
+    return [not any(matcher.fit(s, r) for r in ref.get(s.composition.reduced_formula, ())) for s in structures]
+
+
+def novelty(structures: Sequence[Structure], reference: Sequence[Structure]) -> float:
+    """Fraction of structures that match no reference (training) structure."""
+    if not structures:
+        return float("nan")
+    return float(np.mean(is_novel(structures, reference)))
+
+
+def match_rate(originals: Sequence[Structure], reconstructions: Sequence[Structure]) -> float:
+    """Fraction of pairs where the reconstruction matches its original (the VAE's reconstruction rate)."""
+    if len(originals) != len(reconstructions):
+        raise ValueError("originals and reconstructions must pair up")
+    if not originals:
+        return float("nan")
+    matcher = _matcher()
+    return float(np.mean([matcher.fit(a, b) for a, b in zip(originals, reconstructions, strict=True)]))
+
+
+def mape(predictions: Sequence[float] | np.ndarray, target: float) -> float:
+    """Mean absolute percentage error of predictions against one target value, as a fraction (0.4 = 40 %)."""
+    p = np.asarray(predictions, dtype=float)
+    if p.size == 0:
+        return float("nan")
+    if target == 0:
+        raise ValueError("MAPE is undefined for a zero target")
+    return float(np.mean(np.abs(p - target)) / abs(target))
+
+
+class GenerationMetrics(BaseModel):
+    """Validity over all samples; uniqueness and novelty over the valid ones (as CDVAE reports them)."""
+
+    n: int
+    n_valid: int
+    validity: float
+    uniqueness: float
+    novelty: float
+
+
+def generation_metrics(structures: Sequence[Structure], reference: Sequence[Structure]) -> GenerationMetrics:
+    """Validity, uniqueness and novelty (against ``reference``, the training set) of a batch of samples."""
+    valid = [s for s, p in zip(structures, validity_problems(structures), strict=True) if p is None]
+    return GenerationMetrics(
+        n=len(structures),
+        n_valid=len(valid),
+        validity=len(valid) / len(structures) if structures else float("nan"),
+        uniqueness=uniqueness(valid),
+        novelty=novelty(valid, reference),
+    )

@@ -1,0 +1,93 @@
+"""Figures for each iteration's report: MAPE per target, DFT K histogram, latent-space map.
+
+Each function draws on a fresh matplotlib figure (Agg backend, no display needed) and writes a
+PNG; the caller stores it in the lake and links it from a Prefect artifact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def mape_per_target(rows: Sequence[Mapping], path: Path) -> Path:
+    """MAPE of the predicted K against each target, one line per target across iterations."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target in sorted({r["target"] for r in rows}):
+        pts = sorted(
+            (r["iteration"], r["mape_gnn"]) for r in rows if r["target"] == target and r["mape_gnn"] is not None
+        )
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{target:g} GPa")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("MAPE of CGCNN K vs target")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def dft_k_histogram(
+    values_by_iteration: Mapping[int, Sequence[float]], path: Path, target: float | None = None
+) -> Path:
+    """Histogram of the DFT K of newly labeled structures, one colour per iteration."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    values = [v for vs in values_by_iteration.values() for v in vs]
+    bins = np.linspace(min(values, default=0), max(values, default=500), 20) if values else 20
+    for iteration, vs in sorted(values_by_iteration.items()):
+        if len(vs):
+            ax.hist(vs, bins=bins, alpha=0.6, label=f"iteration {iteration}")
+    if target is not None:
+        ax.axvline(target, color="k", ls="--", label=f"target {target:g} GPa")
+    ax.set_xlabel("DFT K_vrh (GPa)")
+    ax.set_ylabel("new structures")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def latent_map(latents: np.ndarray, is_new: np.ndarray, values: np.ndarray, path: Path, seed: int = 0) -> Path:
+    """2-D t-SNE of generator latents coloured by K, with this iteration's structures highlighted."""
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, len(latents) // 4)))
+    xy = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(latents)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sc = ax.scatter(xy[~is_new, 0], xy[~is_new, 1], c=values[~is_new], s=8, cmap="viridis", alpha=0.7)
+    ax.scatter(xy[is_new, 0], xy[is_new, 1], facecolors="none", edgecolors="red", s=60, label="new this iteration")
+    fig.colorbar(sc, ax=ax, label="K_vrh (GPa)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def parity_plot(true_gpa: np.ndarray, pred_gpa: np.ndarray, std_gpa: np.ndarray, path: Path, title: str) -> Path:
+    """Log-log parity plot of predicted vs reference K_vrh with the ensemble spread as error bars."""
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    lo = float(min(true_gpa.min(), pred_gpa.min())) * 0.8
+    hi = float(max(true_gpa.max(), pred_gpa.max())) * 1.25
+    ax.plot([lo, hi], [lo, hi], color="0.5", lw=1, ls="--")
+    ax.errorbar(true_gpa, pred_gpa, yerr=std_gpa, fmt="o", ms=3, alpha=0.6, elinewidth=0.6)
+    ax.set_title(title, fontsize=10)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(lo, hi),
+        ylim=(lo, hi),
+        xlabel="reference K_vrh (GPa)",
+        ylabel="CGCNN K_vrh (GPa)",
+    )
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,228 @@
+"""The ``active-learning`` flow: train -> generate -> screen -> label -> record, for N iterations.
+
+Embedded mode (default) runs each stage flow in this process as a subflow against the lake.
+Deployed mode dispatches each stage with ``run_deployment`` to its work pool (training,
+generation and screening where the GPUs are, DFT where the cluster is) and waits for it.
+
+Every stage resumes: training is cached on its data snapshot, generation skips targets that
+already have candidates, screening and labeling only touch candidates without a terminal state,
+and an iteration whose ``iterations`` rows exist is skipped. Rerunning a finished loop recomputes
+nothing; killing it anywhere and rerunning finishes the work with no duplicate rows.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field
+
+from core import plots
+from flows.generate import DEFAULT_TARGETS, GenerateParams, generate
+from flows.label import LabelParams, label
+from flows.screen import ScreenParams, screen
+from flows.train import TrainParams, train
+from storage import Lake
+from tasks.iteration import iteration_metrics, latent_snapshot
+
+DEPLOYMENTS = {
+    "train": "train/gpu",
+    "generate": "generate/gpu",
+    "screen": "screen/gpu",
+    "label": "label/hpc",
+}
+"""Stage -> deployment (flow name / deployment name) used in deployed mode; see prefect.yaml."""
+
+
+class LoopParams(BaseModel):
+    """Parameters of the active-learning loop (rendered as a form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lake_url: str | None = None
+    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    targets: list[float] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Target K_vrh values, GPa."""
+    focus_target: float = 350.0
+    """The target the summary leads with."""
+    iterations: int = Field(3, ge=1)
+    """How many iterations to run, starting at ``first_iteration``."""
+    first_iteration: int = Field(0, ge=0)
+    """Index of the first iteration (finished iterations are skipped)."""
+    samples_per_kept: int = Field(500, ge=1)
+    """Generator samples per kept candidate (keep ratio 1:N)."""
+    n_kept: int = Field(10, ge=1)
+    """Candidates kept per target and iteration."""
+    gnn_tolerance: float = Field(0.30, gt=0)
+    """Stage I: keep candidates whose CGCNN K is within this fraction of the target."""
+    fam_tolerance: float = Field(0.20, gt=0)
+    """Stage II: keep candidates whose FAM K is within this fraction of the target."""
+    fam_model: str = "auto"
+    """Foundation atomic model: auto (MACE-MP-0 if its weights are available, else SevenNet-0), a name or a path."""
+    dft_preset: str = "test"
+    """DFT preset for labeling (test, gpaw-tight, vasp, qe)."""
+    dft_limit: int | None = Field(None, ge=1)
+    """Label at most this many stage-II survivors per iteration (None: all)."""
+    dft_runner: Literal["local", "dask", "slurm"] = "local"
+    """Where DFT jobs run: in-process, local Dask workers, or SLURM jobs (the hpc pool's MATLOOP_SLURM_*)."""
+    predictor_config: str = "default"
+    """CGCNN config name (small, default)."""
+    generator_config: str = "small"
+    """Generator config name (small, paper)."""
+    seed: int = 0
+    """Sampling seed."""
+    mode: Literal["embedded", "deployed"] = "embedded"
+    """embedded: stages run in this process; deployed: each stage runs on its work pool."""
+
+
+def _stage_params(params: LoopParams, lake_url: str, iteration: int) -> dict[str, BaseModel]:
+    """Each stage's own parameter model, built from the loop's."""
+    return {
+        "train": TrainParams(
+            lake_url=lake_url,
+            what=["predictor", "generator"],
+            predictor_config=params.predictor_config,
+            generator_config=params.generator_config,
+        ),
+        "generate": GenerateParams(
+            lake_url=lake_url,
+            iteration=iteration,
+            targets=params.targets,
+            samples_per_kept=params.samples_per_kept,
+            n_kept=params.n_kept,
+            seed=params.seed + iteration,
+        ),
+        "screen": ScreenParams(
+            lake_url=lake_url,
+            iteration=iteration,
+            gnn_tolerance=params.gnn_tolerance,
+            fam_tolerance=params.fam_tolerance,
+            fam_model=params.fam_model,
+        ),
+        "label": LabelParams(
+            lake_url=lake_url,
+            iteration=iteration,
+            preset=params.dft_preset,
+            limit=params.dft_limit,
+            runner=params.dft_runner,
+        ),
+    }
+
+
+_EMBEDDED: dict[str, Callable[[Any], Any]] = {"train": train, "generate": generate, "screen": screen, "label": label}
+
+
+def _run_stage(stage: str, stage_params: BaseModel, mode: str) -> None:
+    """Run one stage in-process, or on its work pool and wait; a stage that does not complete raises."""
+    if mode == "embedded":
+        _EMBEDDED[stage](stage_params)
+        return
+    run = run_deployment(
+        name=DEPLOYMENTS[stage], parameters={"params": stage_params.model_dump(mode="json")}, timeout=None
+    )
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"stage {stage} ({DEPLOYMENTS[stage]}) ended {run.state.name if run.state else 'unknown'}")
+
+
+def _finished(lake: Lake, iteration: int, targets: list[float]) -> bool:
+    rows = lake.query("SELECT target FROM iterations WHERE iteration = ?", [iteration]).column("target").to_pylist()
+    return set(targets) <= set(rows)
+
+
+@flow(name="active-learning", log_prints=True)
+def active_learning(params: LoopParams | None = None) -> list[dict[str, Any]]:
+    """Run the loop; returns the ``iterations`` rows written (or found) for each iteration."""
+    params = params or LoopParams()
+    if params.focus_target not in params.targets:
+        raise ValueError(f"focus_target {params.focus_target} is not one of the targets {params.targets}")
+    logger = get_run_logger()
+    lake = Lake(params.lake_url)
+    run_id = str(flow_run.get_id() or "") or None
+    summaries: list[dict[str, Any]] = []
+    for iteration in range(params.first_iteration, params.first_iteration + params.iterations):
+        if _finished(lake, iteration, params.targets):
+            logger.info("iteration %d is already recorded: skipped", iteration)
+            summaries += lake.query("SELECT * FROM iterations WHERE iteration = ?", [iteration]).to_pylist()
+            continue
+        wall: dict[str, float] = {}
+        stages = _stage_params(params, lake.url, iteration)
+        for stage, stage_params in stages.items():
+            logger.info("iteration %d: %s (%s)", iteration, stage, params.mode)
+            t0 = time.perf_counter()
+            _run_stage(stage, stage_params, params.mode)
+            wall[stage] = round(time.perf_counter() - t0, 2)
+        rows = iteration_metrics(lake, iteration, wall, params.samples_per_kept)
+        lake.append("iterations", rows, run_id=run_id)
+        report(lake, params, iteration, rows)
+        summaries += rows
+    return summaries
+
+
+def report(lake: Lake, params: LoopParams, iteration: int, rows: list[dict[str, Any]]) -> None:
+    """The iteration's artifacts: markdown summary, funnel table, and plots stored in the lake."""
+    history = lake.query("SELECT iteration, target, mape_gnn FROM iterations ORDER BY iteration, target").to_pylist()
+    dft = lake.query(
+        "SELECT iteration, dft_k FROM candidates WHERE status = 'labeled' AND dft_k IS NOT NULL"
+    ).to_pylist()
+    by_iteration: dict[int, list[float]] = {}
+    for r in dft:
+        by_iteration.setdefault(r["iteration"], []).append(r["dft_k"])
+    links = []
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = {
+            "mape_per_target.png": lambda p: plots.mape_per_target(history, p),
+            "dft_k_histogram.png": lambda p: plots.dft_k_histogram(by_iteration, p, params.focus_target),
+        }
+        latents = latent_snapshot(lake, iteration)
+        if latents is not None:
+            figures["latent_tsne.png"] = lambda p: plots.latent_map(*latents, p)
+        for name, draw in figures.items():
+            rel = lake.put_file(draw(Path(tmp) / name), "plots", f"iteration={iteration}", name)
+            links.append(f"- [{name}]({lake.uri(rel)})")
+    focus = next((r for r in rows if r["target"] == params.focus_target), rows[0] if rows else None)
+    table = [{k: r[k] for k in _FUNNEL_COLUMNS} for r in rows]
+    create_table_artifact(table, key=f"funnel-{iteration}", description=f"Funnel of iteration {iteration}")
+    lines = [f"# Iteration {iteration}", ""]
+    if focus:
+        lines += [
+            f"Focus target {focus['target']:g} GPa: {focus['n_kept']} kept, {focus['n_gnn_pass']} passed the GNN, "
+            f"{focus['n_fam_pass']} passed the FAM, {focus['n_labeled']} labeled by DFT; "
+            f"MAPE {_fmt(focus['mape_gnn'])}; DFT K {_fmt(focus['dft_k_mean'])} ± {_fmt(focus['dft_k_std'])} GPa.",
+            "",
+        ]
+    lines += ["| " + " | ".join(_FUNNEL_COLUMNS) + " |", "|" + "---|" * len(_FUNNEL_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in _FUNNEL_COLUMNS) + " |" for r in rows]
+    lines += ["", f"Wall time per stage (s): {json.loads(rows[0]['wall_times_json']) if rows else {}}", "", "Plots:"]
+    lines += links
+    create_markdown_artifact("\n".join(lines), key=f"iteration-{iteration}", description=f"Iteration {iteration}")
+
+
+_FUNNEL_COLUMNS = (
+    "target",
+    "n_generated",
+    "n_kept",
+    "n_gnn_pass",
+    "n_fam_pass",
+    "n_labeled",
+    "n_failed",
+    "mape_gnn",
+    "dft_k_mean",
+    "dft_k_std",
+    "validity",
+    "uniqueness",
+    "novelty",
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

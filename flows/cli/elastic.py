@@ -1,0 +1,158 @@
+"""CLI: ``matloop elastic FILE`` (elastic constants of any structure file) and ``matloop seed`` (build the seed set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from tqdm import tqdm
+
+from flows.cli import app
+
+_THREADS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_FILE_HELP = "Structure file: CIF, POSCAR/CONTCAR, extxyz (anything ase.io.read reads)."
+_FAM_HELP = "Foundation model: auto, mace-mp-0, sevennet-0 or a MACE model file."
+_DFT_HELP = "Use DFT with this preset (test, gpaw-tight, ...) instead of a FAM."
+_PROTO_HELP = "Comma-separated binary prototypes (B2,L1_0,L1_2,D0_3,D0_19,C15)."
+
+
+def _one_thread() -> None:
+    """One BLAS/torch thread: on small shared machines more threads only fight each other."""
+    for name in _THREADS_ENV:
+        os.environ.setdefault(name, "1")
+
+
+def _calculator(fam: str, dft: str | None) -> tuple[Any, str]:
+    """(ASE calculator, method string) for a FAM name or a DFT preset."""
+    if dft:
+        from core.dft import dft_calculator  # issue 4's factory; imported only when asked for
+        from core.provenance import settings_hash
+
+        calc = dft_calculator(dft)
+        return calc, f"dft:{type(calc).__name__.lower()}/{dft}@{settings_hash(getattr(calc, 'parameters', {}))}"
+    from core.fam import fam_calculator, set_torch_threads
+
+    set_torch_threads()
+    calc, name = fam_calculator(fam)
+    return calc, f"fam:{name}"
+
+
+def _fmt(value: float | None, unit: str = "GPa") -> str:
+    return "n/a" if value is None else f"{value:8.1f} {unit}"
+
+
+@app.command()
+def elastic(
+    file: Annotated[Path, typer.Argument(help=_FILE_HELP, exists=True, dir_okay=False, readable=True)],
+    fam: Annotated[str, typer.Option("--fam", help=_FAM_HELP)] = "auto",
+    dft: Annotated[str | None, typer.Option("--dft", help=_DFT_HELP)] = None,
+    fmax: Annotated[float, typer.Option(help="Relaxation force threshold, eV/Å.")] = 0.05,
+    steps: Annotated[int, typer.Option(help="Maximum relaxation steps.")] = 300,
+    no_relax: Annotated[bool, typer.Option("--no-relax", help="Use the structure as given (already relaxed).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Relax a structure, then print K and G (Voigt, Reuss, Hill), the EOS K, Born stability and the model used."""
+    _one_thread()
+    from ase.io import read
+
+    from core.elastic import ElasticSettings, deformations, elastic_constants
+    from core.relax import relax
+
+    try:
+        atoms = read(str(file))
+    except Exception as exc:
+        raise typer.BadParameter(f"cannot read {file}: {exc}", param_hint="FILE") from exc
+    calc, method = _calculator(fam, dft)
+    t0 = time.perf_counter()
+    relaxed = None if no_relax else relax(atoms, calc, fmax=fmax, steps=steps)
+    ref = atoms if relaxed is None else relaxed.atoms
+    settings = ElasticSettings()
+    bar = tqdm(total=len(deformations(ref, settings)), desc="elastic", disable=as_json, leave=False)
+    result = elastic_constants(ref, calc, settings, progress=lambda _label: bar.update())
+    bar.close()
+    out = {
+        "file": str(file),
+        "formula": ref.get_chemical_formula(),
+        "method": method,
+        "relaxed": relaxed is not None,
+        "relax_converged": None if relaxed is None else relaxed.converged,
+        "relax_steps": None if relaxed is None else relaxed.n_steps,
+        "volume_per_atom": ref.get_volume() / len(ref),
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+        **result.model_dump(),
+    }
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"{out['formula']}  ({method}; {result.n_calculations} calculations, {out['wall_time_s']} s)")
+    if relaxed is not None:
+        state = "converged" if relaxed.converged else "NOT converged"
+        typer.echo(f"relaxation: {state} in {relaxed.n_steps} steps, {out['volume_per_atom']:.3f} Å^3/atom")
+    typer.echo(f"{'':6}{'Voigt':>12}{'Reuss':>12}{'Hill':>12}")
+    typer.echo(f"{'K':6}{_fmt(result.k_voigt):>12}{_fmt(result.k_reuss):>12}{_fmt(result.k_vrh):>12}")
+    typer.echo(f"{'G':6}{_fmt(result.g_voigt):>12}{_fmt(result.g_reuss):>12}{_fmt(result.g_vrh):>12}")
+    typer.echo(f"EOS K (Birch-Murnaghan): {_fmt(result.eos_k).strip()}")
+    born = {True: "stable", False: "UNSTABLE", None: "unknown"}[result.born_stable]
+    min_eig = "" if result.min_eigenvalue is None else f" (smallest eigenvalue {result.min_eigenvalue:.1f} GPa)"
+    typer.echo(f"Born: {born}{min_eig}")
+    if method == "fam:sevennet-0":
+        typer.echo("note: SevenNet-0's shear constants are too soft; G is indicative only, K is reliable.")
+    if result.flags or result.missing:
+        typer.echo(f"flags: {', '.join(result.flags)}  missing: {', '.join(result.missing) or '-'}")
+
+
+@app.command()
+def seed(
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")] = Path("core/data/seed.parquet"),
+    fam: Annotated[str, typer.Option(help="Foundation model labeling the seed set.")] = "auto",
+    unary: Annotated[
+        str | None, typer.Option(help="Comma-separated elements for fcc/bcc/hcp (default: 30 metals).")
+    ] = None,
+    binary: Annotated[str | None, typer.Option(help="Comma-separated elements for binary prototypes.")] = None,
+    prototypes: Annotated[str | None, typer.Option(help=_PROTO_HELP)] = None,
+    limit: Annotated[int | None, typer.Option(help="Label only the first N structures (quick checks).")] = None,
+    load: Annotated[bool, typer.Option("--load", help="Also append the seed set to the lake.")] = False,
+) -> None:
+    """Enumerate alloy prototypes, relax and label them with a FAM, and write the offline seed set."""
+    _one_thread()
+    from core import seed as seedlib
+    from core.fam import fam_calculator, set_torch_threads
+
+    set_torch_threads()
+
+    def _split(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+        return default if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+    items = list(
+        seedlib.prototypes(
+            _split(unary, seedlib.UNARY_ELEMENTS),
+            _split(binary, seedlib.BINARY_ELEMENTS),
+            binary_prototypes=_split(prototypes, seedlib.DEFAULT_BINARY_PROTOTYPES),
+        )
+    )[:limit]
+    calc, name = fam_calculator(fam)
+    typer.echo(f"labeling {len(items)} prototypes with {name}")
+    t0 = time.perf_counter()
+    with tqdm(total=len(items), desc="seed") as bar:
+        rows, dropped = seedlib.label(items, calc, name, progress=lambda *_: bar.update())
+    path = seedlib.write_seed(rows, out)
+    minutes = (time.perf_counter() - t0) / 60
+    size_kb = path.stat().st_size / 1e3
+    typer.echo(f"kept {len(rows)}, dropped {len(dropped)} in {minutes:.1f} min -> {path} ({size_kb:.0f} kB)")
+    reasons: dict[str, int] = {}
+    for reason in dropped.values():
+        key = reason.split(" (")[0] if not reason.startswith("K_vrh") else "K_vrh out of range"
+        reasons[key] = reasons.get(key, 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        typer.echo(f"  dropped {n:4d}: {reason}")
+    if load:
+        from storage.lake import Lake
+
+        lake = Lake()
+        tables = seedlib.lake_rows(path)
+        for table in ("structures", "properties"):
+            typer.echo(f"{table}: {lake.append(table, tables[table])} rows appended to {lake.url}")

@@ -1,0 +1,142 @@
+"""CLI commands for the property predictor: ``matloop train predictor`` and ``matloop predict``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pymatgen.core import Structure
+from rich.console import Console
+from rich.table import Table
+
+from core.cgcnn import CONFIGS
+from core.structures import reduced_formula, to_row
+from flows.cli import app, train_app
+from flows.train import TrainParams, metrics_table, train
+from storage import Lake
+from storage.registry import ModelNotFoundError, get_model
+from tasks.train import load_predictor
+
+console = Console()
+_REQUIRED = ("lattice", "species", "frac_coords")
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (values parsed as JSON where they parse, else kept as strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {pair!r}", param_hint="--set")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@train_app.command("predictor")
+def train_predictor_cmd(
+    config: Annotated[str, typer.Option("--config", help=f"Named config: {', '.join(CONFIGS)}.")] = "default",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Config override key=value (value parsed as JSON), e.g. --set n_models=2."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Train the CGCNN ensemble on the lake's labeled data (cached: unchanged data and code return the same model)."""
+    if config not in CONFIGS:
+        raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}", param_hint="--config")
+    lake = Lake()
+    params = TrainParams(
+        lake_url=lake.url, what=["predictor"], predictor_config=config, predictor_overrides=_parse_overrides(set_ or [])
+    )
+    model_id = train(params)["predictor"]
+    metrics = get_model(lake, model_id).metrics
+    if as_json:
+        typer.echo(json.dumps({"model_id": model_id, "metrics": metrics}, indent=2))
+        return
+    table = Table(title=f"CGCNN {model_id}")
+    for col in ("split", "model", "n", "MAE log10 K", "MAE K (GPa)"):
+        table.add_column(col)
+    for r in metrics_table(model_id, metrics):
+        table.add_row(r["split"], r["model"], str(r["n"]), f"{r['mae_log10']:.4f}", f"{r['mae_gpa']:.1f}")
+    console.print(table)
+
+
+def _rows_from_files(files: list[Path]) -> list[dict[str, Any]]:
+    rows = []
+    for f in files:
+        try:
+            structure = Structure.from_file(f)
+        except Exception as exc:  # pymatgen raises many types for unreadable files
+            raise typer.BadParameter(f"cannot read a structure from {f}: {exc}", param_hint="FILE") from None
+        rows.append({**to_row(structure), "name": str(f)})
+    return rows
+
+
+def _rows_from_sql(lake: Lake, sql: str) -> list[dict[str, Any]]:
+    table = lake.query(sql)
+    missing = [c for c in ("structure_id", *_REQUIRED) if c not in table.column_names]
+    if missing:
+        raise typer.BadParameter(
+            f"the query must return structure columns; missing {missing} (try SELECT * FROM structures ...)",
+            param_hint="--sql",
+        )
+    return [{**r, "name": r["structure_id"]} for r in table.to_pylist()]
+
+
+@app.command()
+def predict(
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="Structure files (CIF, POSCAR, ...).", show_default=False)
+    ] = None,
+    sql: Annotated[
+        str | None, typer.Option("--sql", help='Structures to predict: "SELECT * FROM structures WHERE ..."')
+    ] = None,
+    model_id: Annotated[str | None, typer.Option("--model", help="Model id (default: the latest CGCNN).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print predictions as JSON.")] = False,
+) -> None:
+    """Predict K_vrh (GPa) with its ensemble uncertainty for structure files or a SQL selection of the lake."""
+    if bool(files) == bool(sql):
+        raise typer.BadParameter("give structure FILEs or --sql, not both or neither")
+    lake = Lake()
+    try:
+        used_id, ensemble = load_predictor(lake, model_id)
+    except ModelNotFoundError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    rows = _rows_from_files(files) if files else _rows_from_sql(lake, sql or "")
+    if not rows:
+        console.print("no structures selected")
+        return
+    pred = ensemble.predict_rows(rows)
+    results = [
+        {
+            "name": r["name"],
+            "structure_id": r["structure_id"],
+            "formula": _formula(r),
+            "k_vrh": round(float(pred.k_vrh[i]), 2),
+            "k_vrh_std": round(float(pred.k_vrh_std[i]), 2),
+            "log10_k": round(float(pred.log10_k[i]), 4),
+            "log10_k_std": round(float(pred.log10_k_std[i]), 4),
+            "model_id": used_id,
+        }
+        for i, r in enumerate(rows)
+    ]
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    table = Table(title=f"K_vrh from CGCNN {used_id}")
+    for col in ("structure", "formula", "K_vrh (GPa)", "± (GPa)"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["name"], r["formula"], f"{r['k_vrh']:.1f}", f"{r['k_vrh_std']:.1f}")
+    console.print(table)
+
+
+def _formula(row: dict[str, Any]) -> str:
+    """The row's reduced formula (computed from species where the query did not select the column)."""
+    return row.get("reduced_formula") or reduced_formula(list(row["species"]))

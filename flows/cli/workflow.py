@@ -1,0 +1,142 @@
+"""CLI commands that run the loop: `run` (any size), `demo` (one small iteration), `serve` (the UI)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flows.cli import app
+from flows.cli.lake import print_table
+from storage import Lake
+
+console = Console()
+
+DEMO_QUERIES = {
+    "the funnel of the last iteration": (
+        "SELECT target, n_kept, n_gnn_pass, n_fam_pass, n_labeled, mape_gnn, dft_k_mean "
+        "FROM iterations ORDER BY iteration DESC, target LIMIT 7"
+    ),
+    "candidates and their verdicts": (
+        "SELECT target, structure_id, round(gnn_k) AS gnn_k, gnn_verdict, round(fam_k) AS fam_k, fam_verdict, "
+        "round(dft_k) AS dft_k, status FROM candidates ORDER BY target, status LIMIT 10"
+    ),
+    "why candidates were rejected": (
+        "SELECT coalesce(fam_reason, gnn_reason, dft_reason) AS reason, count(*) AS n "
+        "FROM candidates WHERE status IN ('rejected', 'failed') GROUP BY 1 ORDER BY 2 DESC LIMIT 8"
+    ),
+    "every DFT attempt": (
+        "SELECT structure_id, calculation, attempt, state, error_class, round(wall_time_s, 1) AS s "
+        "FROM jobs WHERE stage = 'dft' ORDER BY created_at LIMIT 10"
+    ),
+}
+
+
+def _run_loop(params: object) -> None:
+    from flows.active_learning import active_learning
+
+    active_learning(params)
+
+
+@app.command()
+def run(
+    iterations: Annotated[int, typer.Option(help="Iterations to run")] = 3,
+    target: Annotated[list[float] | None, typer.Option(help="Target K_vrh, GPa (repeat for several)")] = None,
+    focus: Annotated[float, typer.Option(help="Focus target, GPa")] = 350.0,
+    n_kept: Annotated[int, typer.Option(help="Candidates kept per target")] = 10,
+    samples_per_kept: Annotated[int, typer.Option(help="Generator samples per kept candidate")] = 500,
+    fam: Annotated[
+        str, typer.Option(help="Foundation atomic model: auto, mace-mp-0, sevennet-0 or a model file")
+    ] = "auto",
+    dft_preset: Annotated[str, typer.Option(help="DFT preset: test, gpaw-tight, vasp, qe")] = "test",
+    dft_limit: Annotated[int | None, typer.Option(help="Label at most this many survivors per iteration")] = None,
+    predictor_config: Annotated[str, typer.Option(help="CGCNN config: small, default")] = "default",
+    generator_config: Annotated[str, typer.Option(help="Generator config: small, paper")] = "small",
+    first_iteration: Annotated[int, typer.Option(help="Index of the first iteration")] = 0,
+    deployed: Annotated[bool, typer.Option(help="Dispatch stages to their work pools (needs `matloop serve`)")] = False,
+) -> None:
+    """Run the active-learning loop in this process (or, with --deployed, on the work pools)."""
+    from flows.active_learning import LoopParams
+
+    targets = target or [60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0]
+    params = LoopParams(
+        lake_url=Lake().url,
+        targets=targets,
+        focus_target=focus,
+        iterations=iterations,
+        n_kept=n_kept,
+        samples_per_kept=samples_per_kept,
+        fam_model=fam,
+        dft_preset=dft_preset,
+        dft_limit=dft_limit,
+        predictor_config=predictor_config,
+        generator_config=generator_config,
+        first_iteration=first_iteration,
+        mode="deployed" if deployed else "embedded",
+    )
+    _run_loop(params)
+    _summary(Lake())
+
+
+@app.command()
+def demo() -> None:
+    """One small active-learning iteration on the committed seed set: train, generate, screen with the
+    FAM, label with GPAW's `test` preset; then the iteration summary and a few SQL queries."""
+    from flows.active_learning import LoopParams
+    from storage.ingest import ingest
+
+    lake = Lake()
+    t0 = time.perf_counter()
+    for line in ingest(lake, "seed").lines():
+        console.print(line)
+    params = LoopParams(
+        lake_url=lake.url,
+        targets=[250.0, 350.0],
+        focus_target=350.0,
+        iterations=1,
+        n_kept=6,
+        samples_per_kept=20,
+        predictor_config="small",
+        generator_config="small",
+        dft_limit=1,
+        gnn_tolerance=0.5,
+        fam_tolerance=0.5,
+    )
+    _run_loop(params)
+    _summary(lake)
+    console.print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; lake: {lake.url}")
+
+
+def _summary(lake: Lake) -> None:
+    for title, query in DEMO_QUERIES.items():
+        console.print(f'\n[bold]{title}[/bold]  matloop sql "{query}"')
+        print_table(lake.query(query))
+
+
+@app.command()
+def serve(port: Annotated[int, typer.Option(help="Port of the Prefect server on 127.0.0.1")] = 4200) -> None:
+    """Start a Prefect server on 127.0.0.1, create the gpu/hpc/default pools, deploy every flow from
+    this checkout, start a worker per pool; Ctrl-C stops everything it started."""
+    from deployments.stack import Stack
+
+    lake = Lake()
+    stopping = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    with Stack(lake.url, port=port) as stack:
+        console.print(f"Prefect UI: {stack.ui_url}   (lake {lake.url}; logs in {stack.log_dir})")
+        console.print("deployments: train/gpu, generate/gpu, screen/gpu, label/hpc, active-learning/default")
+        console.print("trigger the loop: prefect deployment run active-learning/default   (Ctrl-C stops the stack)")
+        try:
+            while not stopping:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    console.print("stopped the server, the workers and the pools' processes")

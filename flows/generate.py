@@ -1,0 +1,90 @@
+"""The ``generate`` flow: conditional generation of candidates for each target K_vrh.
+
+For every target it samples ``n_kept * samples_per_kept`` crystals with the registered generator,
+keeps the ``n_kept`` valid, distinct ones whose property-head score is closest to the target, and
+writes them to ``structures`` (source "generated") and ``candidates`` (status "generated").
+Targets that already have candidates in the iteration are skipped, so a rerun resumes and never
+undoes later stages. A Prefect table artifact summarizes the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage import Lake
+from storage.candidates import current
+from tasks.generate import load_registered_generator, sample_candidates, write_candidates
+
+DEFAULT_TARGETS = (60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0)
+
+
+class GenerateParams(BaseModel):
+    """Parameters of the generate flow (rendered as a form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lake_url: str | None = None
+    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    iteration: int = Field(0, ge=0)
+    """Active-learning iteration the candidates belong to."""
+    targets: list[float] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Target K_vrh values, GPa."""
+    samples_per_kept: int = Field(500, ge=1)
+    """Samples drawn per kept candidate (keep the best 1/N by property-head score)."""
+    n_kept: int = Field(10, ge=1)
+    """Candidates kept per target."""
+    model_id: str | None = None
+    """Generator model id; None = the latest registered generator."""
+    seed: int = 0
+    """Sampling seed (each target derives its own from it)."""
+
+
+@flow(name="generate", log_prints=True)
+def generate(params: GenerateParams | None = None) -> dict[str, Any]:
+    """Generate and record candidates; returns the model id and per-target statistics."""
+    params = params or GenerateParams()
+    if any(t <= 0 for t in params.targets):
+        raise ValueError(f"targets must be positive K_vrh values in GPa, got {params.targets}")
+    logger = get_run_logger()
+    lake = Lake(params.lake_url)
+    lake_url = lake.url
+    model_id, _ = load_registered_generator(lake_url, params.model_id)
+    done = {row["target"] for row in current(lake, params.iteration)}
+    run_id = str(flow_run.get_id() or "") or None
+    summary: list[dict[str, Any]] = []
+    for target in params.targets:
+        if float(target) in done:
+            logger.info("iteration %d already has candidates for %.0f GPa; skipping", params.iteration, target)
+            summary.append({"target": target, "n_sampled": 0, "n_kept": 0, "note": "already generated"})
+            continue
+        result = sample_candidates(
+            lake_url, model_id, float(target), params.n_kept, params.samples_per_kept, params.seed
+        )
+        written = write_candidates(lake_url, params.iteration, model_id, float(target), result["kept"], run_id)
+        stats = result["stats"]
+        summary.append(
+            {
+                "target": target,
+                "n_sampled": stats["n_sampled"],
+                "n_kept": written,
+                "validity": round(stats["validity"], 3),
+                "head_mape_kept": round(stats["head_mape_kept"], 3),
+                "head_mape_all": round(stats["head_mape_all"], 3),
+                "note": "",
+            }
+        )
+    create_table_artifact(
+        table=summary,
+        key=f"generate-iteration-{params.iteration}",
+        description=(
+            f"Generated candidates, iteration {params.iteration}, generator {model_id}: samples drawn, kept "
+            f"(valid, distinct, closest by property head), validity of all samples, and the property head's "
+            f"MAPE to the target (kept / all samples)."
+        ),
+    )
+    return {"model_id": model_id, "iteration": params.iteration, "targets": summary}

@@ -1,0 +1,80 @@
+"""The ``screen`` flow: stage I (CGCNN) and stage II (foundation atomic model) for one iteration.
+
+Stage I moves candidates ``generated -> gnn_pass | rejected``; stage II moves ``gnn_pass ->
+fam_pass | rejected``. Each stage touches only candidates still waiting for it, so a rerun
+resumes where a crashed run stopped, and stage II's compute is cached per batch of structures.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.fam import FamSettings
+from storage import Lake
+
+Stage = Literal["gnn", "fam"]
+
+
+class ScreenParams(BaseModel):
+    """Parameters of the screen flow (rendered as a form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iteration: int = Field(0, ge=0)
+    """Active-learning iteration whose candidates are screened."""
+    lake_url: str | None = None
+    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    stages: list[Stage] = Field(default_factory=lambda: ["gnn", "fam"])
+    """Stages to run, in funnel order."""
+    gnn_tolerance: float = Field(0.30, gt=0)
+    """Stage I keeps candidates whose predicted K_vrh is within this fraction of the target."""
+    gnn_model_id: str | None = None
+    """CGCNN model id; None = the latest registered predictor."""
+    fam_tolerance: float = Field(0.20, gt=0)
+    """Stage II keeps Born-stable candidates whose FAM K_vrh is within this fraction of the target."""
+    fam_model: str = "auto"
+    """auto (MACE-MP-0 if available, else SevenNet-0), mace-mp-0, sevennet-0, or a MACE model file."""
+    fam_settings: FamSettings = Field(default_factory=FamSettings)
+    """Relaxation, structure matching and elastic settings of stage II."""
+    fam_batch_size: int = Field(16, ge=1)
+    """Structures per stage-II task (one cached unit of work)."""
+
+
+@flow(name="screen", log_prints=True)
+def screen(params: ScreenParams | None = None) -> dict[str, Any]:
+    """Run the requested stages for one iteration; returns each stage's counts keyed by stage name."""
+    params = params or ScreenParams()
+    if params.stages != sorted(set(params.stages), key=["gnn", "fam"].index):
+        raise ValueError(f"stages must be distinct and in funnel order (gnn, fam), got {params.stages}")
+    logger = get_run_logger()
+    lake_url = Lake(params.lake_url).url
+    summary: dict[str, Any] = {}
+    if "gnn" in params.stages:
+        from tasks.gnn_screen import screen_gnn  # stage I pulls in the predictor stack; load it only when run
+
+        summary["gnn"] = screen_gnn(lake_url, params.iteration, params.gnn_tolerance, params.gnn_model_id)
+    if "fam" in params.stages:
+        from tasks.fam import screen_fam
+
+        summary["fam"] = screen_fam(
+            lake_url,
+            params.iteration,
+            params.fam_tolerance,
+            params.fam_model,
+            params.fam_settings,
+            params.fam_batch_size,
+        )
+    create_table_artifact(
+        key=f"screen-iteration-{params.iteration}",
+        table=[
+            {"stage": stage, **{k: v for k, v in counts.items() if not isinstance(v, dict)}}
+            for stage, counts in summary.items()
+        ],
+        description=f"Screen funnel, iteration {params.iteration}",
+    )
+    logger.info("screen iteration %d: %s", params.iteration, summary)
+    return summary

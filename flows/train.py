@@ -1,0 +1,99 @@
+"""The ``train`` flow: train what is asked (the CGCNN predictor, the generator) on the current labeled data.
+
+The predictor task is cached on (lake, config, data hash, code hash), so rerunning the flow on
+unchanged data returns the registered model without training. The flow publishes a Prefect table
+artifact of the predictor's metrics (ensemble and each member, validation and test) and links the
+parity plot saved in the lake under ``figures/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.cgcnn import code_hash, get_config
+from storage import Lake
+from tasks.common import in_lake
+from tasks.train import labeled_snapshot, train_predictor
+
+What = Literal["predictor", "generator"]
+
+
+class TrainParams(BaseModel):
+    """Parameters of the train flow (rendered as a form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lake_url: str | None = None
+    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    what: list[What] = Field(default_factory=lambda: ["predictor"])
+    """Models to train: "predictor" (CGCNN ensemble), "generator" (the conditional generator)."""
+    predictor_config: str = "default"
+    """Named CGCNN config (core.cgcnn.CONFIGS): default, small."""
+    predictor_overrides: dict[str, Any] = Field(default_factory=dict)
+    """Field overrides on the named config, e.g. {"n_models": 2, "graph": {"cutoff": 6.0}}."""
+    generator_config: str = "small"
+    """Named generator config (the generator's own module defines the names)."""
+
+
+def metrics_table(model_id: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (split, ensemble or member) with MAE of log10 K and in GPa."""
+    rows = []
+    for split in ("val", "test"):
+        if split not in metrics:
+            continue
+        entries = [("ensemble", metrics[split]["ensemble"])]
+        entries += [(f"member {k}", m) for k, m in enumerate(metrics[split]["members"])]
+        for who, m in entries:
+            rows.append(
+                {
+                    "model_id": model_id,
+                    "split": split,
+                    "model": who,
+                    "n": m["n"],
+                    "mae_log10": round(m["mae_log10"], 4),
+                    "mae_gpa": round(m["mae_gpa"], 2),
+                }
+            )
+    return rows
+
+
+def _train_generator(lake_url: str, config_name: str) -> str:
+    """The single dispatch point for generator training (the generator issue provides the task)."""
+    from tasks.train_generator import train_generator
+
+    return train_generator(lake_url, config_name)
+
+
+@flow(name="train", log_prints=True)
+def train(params: TrainParams | None = None) -> dict[str, str]:
+    """Train the requested models; returns ``{"predictor": model_id, "generator": model_id}`` for those asked."""
+    params = params or TrainParams()
+    logger = get_run_logger()
+    lake_url = Lake(params.lake_url).url
+    trained: dict[str, str] = {}
+    if "predictor" in params.what:
+        config = get_config(params.predictor_config, params.predictor_overrides)
+        snapshot = labeled_snapshot(lake_url)
+        logger.info(
+            "predictor: %d labeled structures (data hash %s), config %s",
+            len(snapshot.rows),
+            snapshot.data_hash,
+            params.predictor_config,
+        )
+        result = in_lake(train_predictor, lake_url)(
+            lake_url, config.model_dump(mode="json"), snapshot.data_hash, code_hash()
+        )
+        trained["predictor"] = result["model_id"]
+        create_table_artifact(
+            table=metrics_table(result["model_id"], result["metrics"]),
+            key="predictor-metrics",
+            description=f"CGCNN {result['model_id']}: MAE of log10 K_vrh and in GPa. "
+            f"Parity plot: {lake_url}/{result['parity_plot']}",
+        )
+    if "generator" in params.what:
+        trained["generator"] = _train_generator(lake_url, params.generator_config)
+    return trained

@@ -1,0 +1,186 @@
+"""Prefect tasks for DFT jobs: one task per calculation (a relaxation or one strain/EOS point).
+
+Each task run is one *job*; each of its attempts is one row in ``jobs`` (the settings actually
+used, the failure class and message, wall time, host). A failed attempt raises
+:class:`~core.failures.DftFailure`; Prefect's ``retry_condition_fn`` (:func:`retry_transient`)
+retries transient classes and lets bad input fail at once. The next attempt reads the classes of
+the earlier attempts of the same task run from ``jobs`` and escalates its settings with
+:func:`core.dft.escalate` (escalation is data in ``core.dft.ESCALATION``).
+
+Tasks are cached on their inputs and source (``tasks.common.compute_task``), with results in the
+lake: a (structure, settings) pair that succeeded once is never computed again, in this run or
+a later one. Failed runs are not cached, so a rerun tries them again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from ase import Atoms
+from prefect import get_run_logger
+from prefect.runtime import task_run as runtime_task_run
+from prefect.states import State
+
+from core.dft import DftSettings, escalate, run_point, run_relax
+from core.elastic import ElasticSettings
+from core.failures import DftFailure, FailureClass, FaultInjection, as_failure, classify_exception, is_transient
+from core.provenance import canonical_json, settings_hash
+from storage import Lake
+from tasks.common import compute_task
+
+AtomsDict = dict[str, Any]
+"""A JSON-able cell: symbols, cell (3x3 Å), scaled_positions. Hashable by Prefect's cache policy."""
+
+
+def atoms_to_dict(atoms: Atoms) -> AtomsDict:
+    return {
+        "symbols": atoms.get_chemical_symbols(),
+        "cell": np.asarray(atoms.cell[:]).tolist(),
+        "scaled_positions": atoms.get_scaled_positions(wrap=False).tolist(),
+    }
+
+
+def atoms_from_dict(data: AtomsDict) -> Atoms:
+    return Atoms(symbols=data["symbols"], cell=data["cell"], scaled_positions=data["scaled_positions"], pbc=True)
+
+
+def _host() -> str:
+    """This machine's name, with the SLURM job id when the attempt runs inside a SLURM job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return socket.gethostname() + (f" slurm:{job}" if job else "")
+
+
+def retry_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect retry condition: retry transient failure classes, never bad input or unknown bugs."""
+    try:
+        state.result()
+    except DftFailure as exc:
+        return exc.transient
+    except Exception as exc:
+        return is_transient(classify_exception(exc))
+    return False
+
+
+def _earlier_failures(lake: Lake, job_id: str, attempt: int) -> list[FailureClass]:
+    """Failure classes of this job's earlier attempts, in order, as recorded in ``jobs``."""
+    if attempt <= 1:
+        return []
+    rows = lake.query(
+        "SELECT error_class FROM jobs_history WHERE job_id = ? AND attempt < ? AND error_class IS NOT NULL "
+        "ORDER BY attempt",
+        [job_id, attempt],
+    ).to_pylist()
+    return [FailureClass(r["error_class"]) for r in rows]
+
+
+def _run_job(
+    lake_url: str,
+    structure_id: str,
+    calculation: str,
+    base: DftSettings,
+    scope: Literal["point", "structure"],
+    faults: FaultInjection,
+    max_attempts: int,
+    compute: Any,
+) -> tuple[Any, DftSettings, int]:
+    """One attempt of a job: escalate from the earlier attempts, run, record the attempt in ``jobs``."""
+    lake = Lake(lake_url)
+    logger = get_run_logger()
+    attempt = max(int(runtime_task_run.get_run_count() or 1), 1)
+    job_id = runtime_task_run.get_id() or f"{structure_id}/{calculation}/{base.full_hash()}"
+    settings, steps = escalate(base, _earlier_failures(lake, job_id, attempt), scope)
+    if steps:
+        logger.info("%s %s attempt %d escalated: %s", structure_id, calculation, attempt, "; ".join(steps))
+    row: dict[str, Any] = {
+        "job_id": job_id,
+        "structure_id": structure_id,
+        "stage": "dft",
+        "calculation": calculation,
+        "inputs_hash": settings_hash({"structure_id": structure_id, "calculation": calculation, "base": base}),
+        "settings_json": canonical_json(settings),
+        "settings_hash": settings.full_hash(),
+        "attempt": attempt,
+        "host": _host(),
+    }
+    start = time.perf_counter()
+    try:
+        faults.check(f"{structure_id}/{calculation}", calculation, attempt)
+        with tempfile.TemporaryDirectory(prefix="matloop-dft-") as workdir:
+            value = compute(settings, Path(workdir))
+    except Exception as exc:
+        failure = as_failure(exc)
+        retrying = failure.transient and attempt < max_attempts
+        row.update(
+            state="retrying" if retrying else "failed",
+            error_class=failure.failure.value,
+            error_message=failure.message[:2000],
+            wall_time_s=time.perf_counter() - start,
+        )
+        lake.append("jobs", [row])
+        logger.warning("%s %s attempt %d/%d: %s", structure_id, calculation, attempt, max_attempts, failure)
+        raise failure from exc
+    row.update(state="completed", wall_time_s=time.perf_counter() - start)
+    lake.append("jobs", [row])
+    return value, settings, attempt
+
+
+@compute_task(name="dft-relax", retry_condition_fn=retry_transient, tags=["dft"])
+def dft_relax(
+    lake_url: str,
+    structure_id: str,
+    atoms: AtomsDict,
+    settings: DftSettings,
+    faults: FaultInjection,
+    max_attempts: int,
+) -> dict[str, Any]:
+    """Relax one structure's cell and positions with DFT. Returns the relaxed cell, energy and the
+    settings that succeeded (an escalation may have changed physics fields: the strain set must use them).
+    Set ``retries=max_attempts - 1`` with ``.with_options``."""
+
+    def compute(s: DftSettings, workdir: Path) -> tuple[Atoms, float, int]:
+        return run_relax(atoms_from_dict(atoms), s, workdir)
+
+    (relaxed, energy, n_steps), used, attempt = _run_job(
+        lake_url, structure_id, "relax", settings, "structure", faults, max_attempts, compute
+    )
+    return {
+        "atoms": atoms_to_dict(relaxed),
+        "energy": energy,
+        "n_steps": n_steps,
+        "settings": used.model_dump(mode="json"),
+        "attempts": attempt,
+    }
+
+
+@compute_task(name="dft-point", retry_condition_fn=retry_transient, tags=["dft"])
+def dft_point(
+    lake_url: str,
+    structure_id: str,
+    label: str,
+    atoms: AtomsDict,
+    settings: DftSettings,
+    elastic_settings: ElasticSettings,
+    faults: FaultInjection,
+    max_attempts: int,
+) -> dict[str, Any]:
+    """Stress and energy of one strained (or EOS-scaled) cell. ``settings`` are resolved on the
+    reference cell; escalation here never changes physics fields. Set ``retries`` with ``.with_options``."""
+
+    def compute(s: DftSettings, workdir: Path) -> tuple[np.ndarray, float]:
+        return run_point(atoms_from_dict(atoms), s, elastic_settings, workdir)
+
+    (stress, energy), used, attempt = _run_job(
+        lake_url, structure_id, label, settings, "point", faults, max_attempts, compute
+    )
+    return {
+        "stress": np.asarray(stress).tolist(),
+        "energy": energy,
+        "settings": used.model_dump(mode="json"),
+        "attempts": attempt,
+    }

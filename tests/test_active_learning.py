@@ -1,0 +1,76 @@
+"""The loop in embedded mode: one tiny iteration, a rerun that recomputes nothing, a crash that resumes."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.active_learning import LoopParams, active_learning
+from storage import Lake
+from storage.ingest import ingest
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(lake: Lake, **overrides) -> LoopParams:
+    return LoopParams(
+        lake_url=lake.url,
+        targets=[250.0, 350.0],
+        focus_target=350.0,
+        iterations=1,
+        n_kept=3,
+        samples_per_kept=4,
+        gnn_tolerance=5.0,
+        fam_tolerance=5.0,
+        dft_limit=1,
+        predictor_config="small",
+        generator_config="small",
+        **overrides,
+    )
+
+
+def history_counts(lake: Lake) -> dict[str, int]:
+    return {t: lake.query(f"SELECT count(*) n FROM {t}_history").column("n")[0].as_py() for t in lake.counts()}
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory, prefect_server):
+    lake = Lake(tmp_path_factory.mktemp("al") / "lake")
+    ingest(lake, "seed")
+    return lake
+
+
+def test_crash_then_rerun_finishes_without_duplicates(seeded, monkeypatch):
+    import flows.active_learning as al
+
+    def node_lost(params):
+        raise RuntimeError("node lost during labeling")
+
+    monkeypatch.setitem(al._EMBEDDED, "label", node_lost)
+    with pytest.raises(RuntimeError, match="node lost"):
+        active_learning(tiny(seeded))
+    assert seeded.counts()["iterations"] == 0
+    screened = seeded.query("SELECT count(*) n FROM candidates WHERE gnn_verdict IS NOT NULL").column("n")[0].as_py()
+    assert screened == 6  # the work before the crash is kept
+    monkeypatch.undo()
+
+    rows = active_learning(tiny(seeded))
+    assert sorted(r["target"] for r in rows) == [250.0, 350.0]
+    assert all(r["n_kept"] == 3 and r["n_generated"] == 12 for r in rows)
+    # no candidate was generated or screened twice
+    dupes = seeded.query(
+        "SELECT stage, structure_id, target, count(*) n FROM candidates_history GROUP BY ALL HAVING n > 1"
+    ).to_pylist()
+    assert dupes == []
+    assert seeded.counts()["models"] == 2
+
+
+def test_rerun_of_a_finished_iteration_recomputes_nothing(seeded):
+    before = history_counts(seeded)
+    rows = active_learning(tiny(seeded))
+    assert len(rows) == 2
+    assert history_counts(seeded) == before
+
+
+def test_bad_parameters_fail_clearly(seeded):
+    with pytest.raises(ValueError, match="focus_target"):
+        active_learning(tiny(seeded, focus_target=123.0))

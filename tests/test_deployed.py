@@ -1,0 +1,75 @@
+"""End to end against a real Prefect server on localhost with real process workers.
+
+The `active-learning/default` deployment is triggered the way a user does from a terminal
+(`prefect deployment run ... --watch`); the loop dispatches each stage to the `gpu` and `hpc`
+pools with run_deployment. The test then checks every stage's rows and the artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from deployments.stack import Stack, free_port
+from storage import Lake
+from storage.ingest import ingest
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+
+def test_loop_deployment_runs_every_stage_on_its_pool(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    ingest(lake, "seed")
+    tiny = {
+        "lake_url": lake.url,
+        "targets": [300.0],
+        "focus_target": 300.0,
+        "iterations": 1,
+        "n_kept": 3,
+        "samples_per_kept": 4,
+        "gnn_tolerance": 5.0,
+        "fam_tolerance": 5.0,
+        "dft_limit": 1,
+        "predictor_config": "small",
+        "generator_config": "small",
+        "mode": "deployed",
+    }
+    with Stack(lake.url, port=free_port(), home=tmp_path / "prefect") as stack:
+        run = subprocess.run(
+            [
+                stack.prefect,
+                "deployment",
+                "run",
+                "active-learning/default",
+                "--params",
+                json.dumps({"params": tiny}),
+                "--watch",
+                "--watch-timeout",
+                "1500",
+            ],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=1600,
+        )
+        logs = {p.name: p.read_text()[-3000:] for p in stack.log_dir.glob("*.log")}
+        assert run.returncode == 0 and "Completed" in run.stdout, (run.stdout[-3000:], run.stderr[-3000:], logs)
+        flows = subprocess.run(
+            [stack.prefect, "flow-run", "ls", "--limit", "20"], env=stack.env, capture_output=True, text=True
+        ).stdout
+        artifacts = subprocess.run(
+            [stack.prefect, "artifact", "ls"], env=stack.env, capture_output=True, text=True
+        ).stdout
+    for flow_name in ("active-learning", "train", "generate", "screen", "label"):
+        assert flow_name in flows
+    assert "iteration-0" in artifacts and "funnel-0" in artifacts
+    counts = lake.counts()
+    assert counts["models"] >= 2  # predictor and generator
+    stages = set(lake.query("SELECT DISTINCT stage FROM candidates_history").column("stage").to_pylist())
+    assert {"generate", "screen_gnn", "screen_fam"} <= stages
+    assert lake.query("SELECT count(*) n FROM jobs WHERE stage = 'fam'").column("n")[0].as_py() > 0
+    rows = lake.query("SELECT * FROM iterations WHERE iteration = 0").to_pylist()
+    assert [r["target"] for r in rows] == [300.0] and rows[0]["n_kept"] == 3
+    assert lake.fs.exists(lake.path("plots", "iteration=0", "mape_per_target.png"))

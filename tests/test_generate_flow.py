@@ -1,0 +1,111 @@
+"""The generate flow and generator training as Prefect runs against a real lake."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from test_generator import TINY, metallic_records
+from typer.testing import CliRunner
+
+from core.generator import CDVAEGenerator
+from flows.cli import app
+from flows.generate import GenerateParams, generate
+from storage.candidates import current
+from storage.ingest import ingest
+from storage.registry import latest_model, register_model
+from tasks.train_generator import GENERATOR_KIND, train_generator, training_set
+
+
+@pytest.fixture
+def seeded_lake(lake, shared_data, tmp_path):
+    """A lake holding 150 metallic MP binaries, ingested through the real ingest path."""
+    source = tmp_path / "mp-subset.json.gz"
+    with gzip.open(source, "wt") as fh:
+        json.dump(metallic_records(shared_data, 150), fh)
+    ingest(lake, str(source))
+    return lake
+
+
+@pytest.fixture
+def registered(seeded_lake, tmp_path):
+    """A tiny generator trained on the lake's train split and registered like train_generator does."""
+    torch.set_num_threads(1)
+    data = training_set(seeded_lake.url)
+    generator = CDVAEGenerator(TINY, device="cpu")
+    metrics = generator.train(data.structures(), data.k_vrh)
+    record = register_model(
+        seeded_lake,
+        kind=GENERATOR_KIND,
+        checkpoint=generator.save(tmp_path / "tiny.pt"),
+        data_snapshot=data.structure_ids,
+        data_hash=data.data_hash,
+        config=generator.config_dict,
+        metrics=metrics,
+    )
+    return seeded_lake, record.model_id
+
+
+def test_generate_flow_writes_structures_and_candidates_and_resumes(registered, prefect_server):
+    lake, model_id = registered
+    params = GenerateParams(lake_url=lake.url, iteration=1, targets=[100.0, 300.0], samples_per_kept=5, n_kept=3)
+    result = generate(params)
+    assert result["model_id"] == model_id
+    rows = current(lake, 1)
+    assert rows and {r["target"] for r in rows} == {100.0, 300.0}
+    assert all(r["status"] == "generated" and r["stage"] == "generate" for r in rows)
+    assert all(r["generator_model_id"] == model_id and r["generator_score"] > 0 for r in rows)
+    assert sum(s["n_kept"] for s in result["targets"]) == len(rows)
+    generated = lake.query("SELECT * FROM structures WHERE source = 'generated'").to_pylist()
+    assert generated and all(g["parent_ids"] == [] and g["split"] in {"train", "val", "test"} for g in generated)
+    assert {g["structure_id"] for g in generated} <= {r["structure_id"] for r in rows}
+
+    # a rerun resumes: targets already generated are skipped and no candidate row is rewritten
+    before = lake.query("SELECT count(*) AS n FROM candidates_history").to_pylist()[0]["n"]
+    again = generate(params.model_copy(update={"targets": [100.0, 300.0, 200.0]}))
+    notes = {t["target"]: t["note"] for t in again["targets"]}
+    assert notes[100.0] == notes[300.0] == "already generated"
+    after = lake.query("SELECT count(*) AS n FROM candidates_history").to_pylist()[0]["n"]
+    assert after - before == sum(1 for r in current(lake, 1) if r["target"] == 200.0)
+
+
+def test_generate_command_writes_cif_extxyz_and_scores(registered, tmp_path):
+    lake, model_id = registered
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "--lake",
+            lake.url,
+            "generate",
+            "--target",
+            "250",
+            "--n",
+            "2",
+            "--samples-per-kept",
+            "4",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["model_id"] == model_id
+    cifs = sorted(out.glob("*.cif"))
+    lines = (out / "scores.csv").read_text().splitlines()
+    assert len(cifs) == summary["targets"][0]["n_kept"] == len(lines) - 1 >= 1
+    assert (out / "structures.extxyz").read_text().count("generator_score") == len(cifs)
+
+
+@pytest.mark.slow
+def test_train_generator_registers_and_is_cached(seeded_lake, prefect_server):
+    model_id = train_generator(seeded_lake.url, "small")
+    record = latest_model(seeded_lake, GENERATOR_KIND)
+    assert record.model_id == model_id and record.config["name"] == "small"
+    assert record.data_hash == training_set(seeded_lake.url).data_hash
+    assert record.metrics["n_train"] == len(record.data_snapshot)
+    assert train_generator(seeded_lake.url, "small") == model_id  # unchanged data, config, code: no retraining
+    assert seeded_lake.query("SELECT count(*) AS n FROM models_history").to_pylist()[0]["n"] == 1

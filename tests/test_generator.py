@@ -1,0 +1,247 @@
+"""The conditional crystal generator: geometry helpers, training, seeded sampling, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+
+from core import metrics
+from core.generator import CDVAEConfig, CDVAEGenerator, Generator, SampleBatch, keep_best, load_generator
+from core.generator.cdvae import (
+    composition_types,
+    fourier_features,
+    fully_connected_edges,
+    lattice_matrices,
+    lattice_params,
+    repel,
+    wrapped_normal_score,
+)
+from core.structures import excluded_reason, structure_id
+
+TINY = CDVAEConfig(
+    name="tiny",
+    hidden=32,
+    latent_dim=8,
+    encoder_layers=2,
+    denoiser_layers=2,
+    n_freq=4,
+    max_atoms=8,
+    n_noise_levels=10,
+    vae_epochs=40,
+    prior_epochs=300,
+    batch_size=32,
+    lr=3e-3,
+    prior_hidden=64,
+    prior_layers=2,
+    prior_steps=20,
+    sample_batch=64,
+)
+"""Trains in seconds on one core: enough for shapes, seeds, checkpoints and the sign of conditioning."""
+
+
+def metallic_records(shared_data: Path, n: int, max_sites: int = 8) -> list[dict]:
+    """The first ``n`` MP binary records made of metals only, with K > 0 and at most ``max_sites`` sites."""
+    with gzip.open(shared_data / "mp-binary-elasticity-2025.1-train.json.gz") as fh:
+        records = json.load(fh)
+    out = []
+    for rec in records:
+        s = Structure.from_dict(rec["structure"])
+        elements = [e.symbol for e in s.composition.elements]
+        if excluded_reason(elements) is None and len(s) <= max_sites and (rec["bulk_modulus_vrh"] or 0) > 0:
+            out.append(rec)
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(shared_data) -> tuple[list[Structure], list[float]]:
+    records = metallic_records(shared_data, 120)
+    return [Structure.from_dict(r["structure"]) for r in records], [r["bulk_modulus_vrh"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def trained(data) -> CDVAEGenerator:
+    torch.set_num_threads(1)
+    generator = CDVAEGenerator(TINY, device="cpu")
+    generator.train(*data)
+    return generator
+
+
+# ---------- geometry helpers ----------
+def test_fully_connected_edges_pair_every_atom_within_its_crystal_only():
+    src, dst = fully_connected_edges(torch.tensor([1, 2, 3]))
+    assert len(src) == 0 + 2 + 6
+    crystal = torch.tensor([0, 1, 1, 2, 2, 2])
+    assert torch.equal(crystal[src], crystal[dst])
+    assert not torch.any(src == dst)
+    assert len(set(zip(src.tolist(), dst.tolist(), strict=True))) == 8
+
+
+def test_fourier_features_are_periodic_in_fractional_coordinates():
+    delta = torch.rand(5, 3)
+    f = fourier_features(delta, 4)
+    assert f.shape == (5, 24)
+    assert torch.allclose(f, fourier_features(delta + torch.tensor([1.0, -2.0, 3.0]), 4), atol=1e-4)
+
+
+def test_wrapped_normal_score_is_gaussian_for_small_sigma_and_periodic():
+    delta = torch.tensor([[0.01, -0.02, 0.0]])
+    sigma = torch.tensor([0.05])
+    assert torch.allclose(wrapped_normal_score(delta, sigma), -delta / 0.05**2, rtol=1e-4)
+    assert torch.allclose(wrapped_normal_score(delta + 1.0, sigma), wrapped_normal_score(delta, sigma), atol=1e-3)
+
+
+def _matrix(params: np.ndarray, n_atoms: int) -> np.ndarray:
+    return lattice_matrices(torch.tensor(params[None], dtype=torch.float64), torch.tensor([n_atoms]))[0].numpy()
+
+
+def test_lattice_code_round_trips_and_is_rotation_invariant():
+    lattice = Lattice.from_parameters(3.1, 4.2, 5.3, 70, 85, 100)
+    params = lattice_params(lattice.matrix, 4)
+    rebuilt = Lattice(_matrix(params, 4))
+    assert np.allclose(rebuilt.parameters, lattice.parameters)
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+    assert np.allclose(lattice_params(lattice.matrix @ q.T, 4), params)
+    assert Lattice(_matrix(np.random.default_rng(1).normal(size=6), 3)).volume > 0
+
+
+def test_composition_types_round_the_stoichiometry_by_largest_remainder():
+    comp = torch.tensor([[0.25, 0.75, 0.0], [0.6, 0.4, 0.0], [0.1, 0.1, 0.8]])
+    types = composition_types(comp, torch.tensor([4, 3, 1]))
+    assert types.tolist() == [0, 1, 1, 1, 0, 0, 1, 2]
+
+
+def test_repel_separates_close_atoms_across_the_boundary_and_leaves_far_ones():
+    """Two atoms 0.2 Å apart through the periodic boundary end 1.5 Å apart; a third, far away, does not move."""
+    lattice = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [1.0, 0.0, 4.0]]], dtype=torch.float64)
+    frac = torch.tensor([[0.01, 0.0, 0.0], [0.96, 0.0, 0.0], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    batch = torch.zeros(3, dtype=torch.long)
+    out = repel(frac, lattice, batch, fully_connected_edges(torch.tensor([3])), torch.tensor([1.5]), steps=50)
+    s = Structure(Lattice(lattice[0].numpy()), ["W"] * 3, out.numpy())
+    assert s.get_distance(0, 1) == pytest.approx(1.5, abs=1e-3)
+    assert torch.allclose(out[2], frac[2])
+    assert torch.equal(
+        repel(frac, lattice, batch, fully_connected_edges(torch.tensor([3])), torch.tensor([1.5]), 0), frac
+    )
+
+
+# ---------- the model ----------
+def test_training_reports_losses_and_counts(trained, data):
+    m = trained.metrics
+    assert m["n_train"] == len(data[0]) and m["n_skipped"] == 0
+    assert set(m["vae_loss"]) >= {"natom", "coord", "type", "lattice", "composition", "property", "kl"}
+    assert all(math.isfinite(v) for v in m["vae_loss"].values())
+    assert m["train_property_mape"] < 1.0
+
+
+def test_sample_shapes_scores_and_vocabulary(trained):
+    batch = trained.sample([100.0, 300.0], 6, seed=3)
+    assert len(batch) == 12
+    assert list(batch.targets) == [100.0] * 6 + [300.0] * 6
+    assert np.all(np.isfinite(batch.scores)) and np.all(batch.scores > 0)
+    for s in batch.structures:
+        assert 1 <= len(s) <= TINY.max_atoms
+        assert {e.symbol for e in s.composition.elements} <= set(trained.vocab)
+        assert s.lattice.volume > 0
+
+
+def test_sampling_is_reproducible_with_a_seed(trained):
+    a = trained.sample([200.0], 8, seed=11)
+    b = trained.sample([200.0], 8, seed=11)
+    c = trained.sample([200.0], 8, seed=12)
+    assert np.array_equal(a.scores, b.scores)
+    assert all(x == y for x, y in zip(a.structures, b.structures, strict=True))
+    assert not np.array_equal(a.scores, c.scores)
+
+
+def test_conditioning_moves_the_property_head(trained):
+    """Latents the prior draws at a high K read as a higher K on the property head than those drawn at a low K."""
+    vae, prior = trained.vae, trained.prior
+    gen = torch.Generator().manual_seed(5)
+    heads = {}
+    for k in (40.0, 300.0):
+        z = prior.sample(vae.k_to_standard(torch.full((64,), k)), gen, guidance=1.0, clip=TINY.prior_clip)
+        heads[k] = float(vae.predict_k(z).median())
+    assert heads[300.0] > 1.3 * heads[40.0]
+
+
+def test_prior_latents_stay_in_the_training_distribution(trained, data):
+    """The prior's latents are as spread as the encoder's (the unclipped ε-sampler gave norms ten times too big)."""
+    vae, prior = trained.vae, trained.prior
+    y = vae.k_to_standard(torch.full((128,), 150.0))
+    sampled = prior.sample(y, torch.Generator().manual_seed(0), guidance=1.0, clip=TINY.prior_clip)
+    encoded = torch.from_numpy(trained.latents(data[0])).float()
+    norms = [float(((z - prior.z_mean) / prior.z_std).norm(dim=1).mean()) for z in (sampled, encoded)]
+    assert 0.5 * norms[1] < norms[0] < 1.5 * norms[1]
+
+
+def test_latents_are_the_encoder_means_the_property_head_reads(trained, data):
+    lat = trained.latents(data[0][:7])
+    assert lat.shape == (7, TINY.latent_dim) and np.all(np.isfinite(lat))
+    head = trained.vae.predict_k(torch.from_numpy(lat).float()).detach().numpy()
+    assert np.allclose(head, trained.score(data[0][:7]), rtol=1e-4)
+    assert trained.latents([]).shape == (0, TINY.latent_dim)
+
+
+def test_latents_default_says_the_generator_has_no_latent_space():
+    class NoLatents(Generator):
+        name = "none"
+        train = sample = score = save = load = config_dict = None
+
+    with pytest.raises(NotImplementedError, match="NoLatents has no latent space"):
+        NoLatents().latents([])
+
+
+def test_save_load_round_trip_is_exact_and_safe(trained, data, tmp_path):
+    path = trained.save(tmp_path / "gen.pt")
+    torch.load(path, weights_only=True)  # the checkpoint holds tensors and JSON only
+    loaded = load_generator(path, device="cpu")
+    assert isinstance(loaded, CDVAEGenerator) and loaded.config == TINY and loaded.vocab == trained.vocab
+    assert np.array_equal(loaded.score(data[0][:5]), trained.score(data[0][:5]))
+    assert np.array_equal(loaded.sample([150.0], 4, seed=2).scores, trained.sample([150.0], 4, seed=2).scores)
+
+
+def test_untrained_generator_and_bad_inputs_fail_clearly(trained, data):
+    with pytest.raises(RuntimeError, match="not trained"):
+        CDVAEGenerator(TINY).sample([100.0], 1, seed=0)
+    with pytest.raises(ValueError, match="positive"):
+        trained.sample([-5.0], 1, seed=0)
+    oxide = Structure(Lattice.cubic(4.2), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    with pytest.raises(ValueError, match="vocabulary"):
+        trained.score([oxide])
+
+
+# ---------- selection and metrics ----------
+def _bcc(a: float, element: str = "W") -> Structure:
+    return Structure(Lattice.cubic(a), [element, element], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def test_keep_best_ranks_by_relative_error_and_skips_invalid_and_duplicates():
+    overlapping = Structure(Lattice.cubic(3.0), ["W", "W"], [[0, 0, 0], [0.05, 0, 0]])
+    structures = [overlapping, _bcc(3.16), _bcc(3.16), _bcc(3.3), _bcc(3.5)]
+    batch = SampleBatch(structures, np.full(5, 300.0), np.array([300.0, 305.0, 305.0, 250.0, 100.0]))
+    kept = keep_best(batch, 2)
+    assert [round(s.lattice.a, 2) for s in kept.structures] == [3.16, 3.3]
+    assert list(kept.scores) == [305.0, 250.0]
+
+
+def test_metrics_validity_uniqueness_novelty_match_rate_mape():
+    w, w_shifted, mo = _bcc(3.16), _bcc(3.16).copy(), _bcc(3.15, "Mo")
+    w_shifted.translate_sites([0, 1], [0.1, 0.2, 0.3])
+    overlapping = Structure(Lattice.cubic(3.0), ["W", "W"], [[0, 0, 0], [0.05, 0, 0]])
+    assert metrics.validity([w, overlapping]) == 0.5
+    assert metrics.uniqueness([w, w_shifted, mo]) == pytest.approx(2 / 3)
+    assert metrics.novelty([w_shifted, mo], reference=[w]) == 0.5
+    assert metrics.match_rate([w, mo], [w_shifted, w]) == 0.5
+    assert metrics.mape([300.0, 400.0], 350.0) == pytest.approx(50 / 350)
+    summary = metrics.generation_metrics([w, w_shifted, overlapping], reference=[mo])
+    assert (summary.n, summary.n_valid, summary.uniqueness, summary.novelty) == (3, 2, 0.5, 1.0)
+    assert structure_id(w) == structure_id(w_shifted)

@@ -1,0 +1,148 @@
+"""The label flow end to end on a real lake: EMT (cheap, same code path) for retries, escalation,
+fault injection, caching and resume; one real-GPAW structure (marked dft + slow)."""
+
+from __future__ import annotations
+
+import pytest
+from ase.build import bulk
+
+from core.failures import FailureClass, FaultInjection
+from core.structures import from_atoms, split_of, to_row
+from flows.label import LabelParams, label
+from storage import Lake
+from storage.candidates import advance, current
+from storage.queries import labeled_k_vrh
+
+EMT_CELLS = {"Cu": 3.61, "Ni": 3.52, "Pd": 3.89, "Al": 4.05}
+
+
+def seed_candidates(lake: Lake, atoms_list, iteration: int = 0, target: float = 150.0) -> list[str]:
+    """structures rows and fam_pass candidates, as stages I-II would leave them."""
+    rows, updates = [], []
+    for atoms in atoms_list:
+        row = to_row(from_atoms(atoms))
+        rows.append({**row, "source": "generated", "split": split_of(row["structure_id"])})
+        updates.append(
+            {
+                "iteration": iteration,
+                "structure_id": row["structure_id"],
+                "target": target,
+                "fam_model": "test",
+                "fam_k": target,
+                "fam_verdict": "pass",
+                "status": "fam_pass",
+            }
+        )
+    lake.append("structures", rows)
+    advance(lake, updates, stage="screen")
+    return [r["structure_id"] for r in rows]
+
+
+def emt_cells(n: int = 2):
+    # slightly off the EMT lattice constant, so the relaxation has work to do
+    return [bulk(el, "fcc", a=a * 1.01) for el, a in list(EMT_CELLS.items())[:n]]
+
+
+def test_label_emt_labels_joins_training_data_and_rerun_recomputes_nothing(lake, prefect_server):
+    ids = seed_candidates(lake, emt_cells(2))
+    params = LabelParams(lake_url=lake.url, preset="emt")
+    outcomes = label(params)
+    assert [o.verdict for o in outcomes] == ["labeled", "labeled"], outcomes
+    cands = current(lake, 0)
+    assert {c["status"] for c in cands} == {"labeled"}
+    assert all(c["dft_method"].startswith("dft:emt/") and c["dft_k"] > 0 for c in cands)
+    training = labeled_k_vrh(lake).to_pylist()
+    relaxed = {o.relaxed_id for o in outcomes}
+    assert relaxed <= {r["structure_id"] for r in training}
+    assert {r["method"] for r in training} == {outcomes[0].method}
+    assert set(ids).isdisjoint(relaxed)  # relaxing changed the cell: a dft-relaxed row with its parent
+    parents = lake.query("SELECT parent_ids FROM structures WHERE source = 'dft-relaxed'").column(0).to_pylist()
+    assert sorted(p[0] for p in parents) == sorted(ids)
+    jobs = lake.read("jobs").to_pylist()
+    assert jobs and all(j["state"] == "completed" and j["attempt"] == 1 and j["host"] for j in jobs)
+    # rerun: every candidate is terminal, nothing is read or computed
+    assert label(params) == []
+    assert lake.counts()["jobs"] == len(jobs)
+
+
+def test_transient_failures_escalate_then_succeed_and_every_attempt_is_a_job_row(lake, prefect_server):
+    seed_candidates(lake, emt_cells(1))
+    faults = FaultInjection(
+        fraction=1.0, failure=FailureClass.SCF_UNCONVERGED, seed=1, min_failed_attempts=2, max_failed_attempts=2
+    )
+    outcomes = label(LabelParams(lake_url=lake.url, preset="emt", faults=faults, max_attempts=3))
+    assert outcomes[0].verdict == "labeled"
+    history = lake.read("jobs", history=True).to_pylist()
+    by_job: dict[str, list[dict]] = {}
+    for row in history:
+        by_job.setdefault(row["job_id"], []).append(row)
+    assert len(by_job) == 12  # relax + 11 strain/EOS points of a cubic cell
+    for rows in by_job.values():
+        rows.sort(key=lambda r: r["attempt"])
+        assert [r["state"] for r in rows] == ["retrying", "retrying", "completed"]
+        assert [r["error_class"] for r in rows[:2]] == ["scf_unconverged"] * 2
+        # attempt 2 halved the mixing; attempt 3 switched the eigensolver
+        betas = [float(__import__("json").loads(r["settings_json"])["mixing_beta"]) for r in rows]
+        assert betas[1] == pytest.approx(betas[0] / 2)
+        assert '"eigensolver":"cg"' in rows[2]["settings_json"]
+        # physics never changes within a strain point's retries
+        assert len({r["settings_json"].split('"smearing_width":')[1][:6] for r in rows}) == 1
+
+
+def test_bad_input_fails_at_once_with_reason(lake, prefect_server):
+    seed_candidates(lake, emt_cells(1))
+    faults = FaultInjection(fraction=1.0, failure=FailureClass.BAD_INPUT, seed=0)
+    outcomes = label(LabelParams(lake_url=lake.url, preset="emt", faults=faults, max_attempts=3))
+    assert outcomes[0].verdict == "failed"
+    assert outcomes[0].reason.startswith("relax bad_input at once")
+    jobs = lake.read("jobs", history=True).to_pylist()
+    assert len(jobs) == 1 and jobs[0]["state"] == "failed" and jobs[0]["error_class"] == "bad_input"
+    cand = current(lake, 0)[0]
+    assert cand["status"] == "failed" and cand["dft_verdict"] == "failed" and "bad_input" in cand["dft_reason"]
+
+
+def test_missing_strain_point_is_named_and_no_tensor_is_fitted(lake, prefect_server):
+    seed_candidates(lake, emt_cells(1))
+    # node_lost on every attempt of about 30 % of the strain points: those points stay missing
+    faults = FaultInjection(
+        fraction=0.3,
+        failure=FailureClass.NODE_LOST,
+        seed=3,
+        only="strain:",
+        min_failed_attempts=5,
+        max_failed_attempts=5,
+    )
+    outcome = label(LabelParams(lake_url=lake.url, preset="emt", faults=faults, max_attempts=2))[0]
+    assert outcome.verdict == "failed" and outcome.missing
+    for point in outcome.missing:
+        assert point in outcome.reason
+    assert "node_lost after 2 attempts" in outcome.reason
+    assert labeled_k_vrh(lake).num_rows == 0
+    tensor = lake.query("SELECT value, value_json, flags FROM properties WHERE name = 'elastic_tensor'").to_pylist()
+    assert tensor and tensor[0]["value"] is None
+    assert '"c_voigt": null' in tensor[0]["value_json"]
+
+
+def test_rerun_picks_up_exactly_the_unfinished_structures(lake, prefect_server):
+    ids = seed_candidates(lake, emt_cells(3))
+    first = label(LabelParams(lake_url=lake.url, preset="emt", limit=1))
+    assert len(first) == 1
+    done = first[0].structure_id
+    jobs_before = {j["structure_id"] for j in lake.read("jobs").to_pylist()}
+    assert jobs_before == {done}
+    second = label(LabelParams(lake_url=lake.url, preset="emt"))
+    assert sorted(o.structure_id for o in second) == sorted(set(ids) - {done})
+    assert {j["structure_id"] for j in lake.read("jobs").to_pylist()} == set(ids)
+    assert {c["status"] for c in current(lake, 0)} == {"labeled"}
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_label_one_tungsten_cell_with_gpaw(lake, prefect_server):
+    seed_candidates(lake, [bulk("W", "bcc", a=3.20)], target=300.0)
+    outcome = label(LabelParams(lake_url=lake.url, preset="test"))[0]
+    assert outcome.verdict == "labeled", outcome.reason
+    assert outcome.method.startswith("dft:gpaw/")
+    assert 250 < outcome.k_vrh < 360  # PBE 305.6 GPa; the loose preset is within ~15 %
+    born = lake.query("SELECT value FROM properties WHERE name = 'born_stable'").column(0).to_pylist()
+    assert born == [1.0]

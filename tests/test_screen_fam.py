@@ -1,0 +1,111 @@
+"""Stage II end to end on a real lake with a real (tiny) MACE model: verdicts, rows, failures, rerun, cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from ase.build import bulk
+from test_fam import build_tiny_mace  # pytest puts tests/ on sys.path
+
+from core.fam import FamSettings
+from core.structures import from_atoms, split_of, to_row
+
+
+def _seed_candidates(lake, iteration: int) -> dict[str, str]:
+    """Three gnn_pass candidates: Cu and CuAl (the tiny model knows them) and W (it does not)."""
+    cells = {
+        "Cu": bulk("Cu", "fcc", a=3.6),
+        "CuAl": bulk("CuAl", "cesiumchloride", a=3.0),
+        "W": bulk("W", "bcc", a=3.17),
+    }
+    ids = {}
+    structures, candidates = [], []
+    for name, atoms in cells.items():
+        row = to_row(from_atoms(atoms))
+        ids[name] = row["structure_id"]
+        structures.append(
+            {**row, "source": "generated", "source_id": name, "parent_ids": [], "split": split_of(row["structure_id"])}
+        )
+        for target in (1.0, 300.0):
+            candidates.append(
+                {
+                    "iteration": iteration,
+                    "structure_id": row["structure_id"],
+                    "target": target,
+                    "status": "gnn_pass",
+                    "gnn_verdict": "pass",
+                    "stage": "gnn",
+                }
+            )
+    lake.append("structures", structures)
+    lake.append("candidates", candidates)
+    return ids
+
+
+@pytest.mark.slow
+def test_screen_flow_stage_two_end_to_end(lake, tmp_path: Path, prefect_server) -> None:
+    from flows.screen import ScreenParams, screen
+    from storage.candidates import current
+
+    model = build_tiny_mace(tmp_path / "tiny.model")
+    ids = _seed_candidates(lake, iteration=3)
+    params = ScreenParams(
+        iteration=3,
+        lake_url=lake.url,
+        stages=["fam"],
+        fam_model=str(model),
+        fam_tolerance=0.9,
+        fam_settings=FamSettings(steps=60),
+        fam_batch_size=2,
+    )
+    summary = screen(params)["fam"]
+    assert summary["screened"] == 6 and summary["errors"] == 2  # W, at both targets
+    assert summary["passed"] + summary["rejected"] + summary["errors"] == 6
+
+    rows = {(r["structure_id"], r["target"]): r for r in current(lake, 3)}
+    w = rows[(ids["W"], 300.0)]
+    assert w["fam_verdict"] == "error" and "unknown_element" in w["fam_reason"] and w["status"] == "rejected"
+    cu = rows[(ids["Cu"], 300.0)]
+    assert cu["fam_model"].startswith("mace:tiny.model@") and cu["fam_k"] is not None
+    assert cu["fam_verdict"] == "reject" and "off target" in cu["fam_reason"]  # tiny model: K of a few GPa
+    assert all(r["stage"] == "fam" and r["status"] in {"fam_pass", "rejected"} for r in rows.values())
+
+    props = lake.query("SELECT name, method, settings_hash FROM properties WHERE structure_id = ?", [ids["Cu"]])
+    names = set(props.column("name").to_pylist())
+    assert {"k_vrh", "g_vrh", "eos_k", "elastic_tensor", "energy_per_atom"} <= names
+    assert set(props.column("method").to_pylist()) == {f"fam:{cu['fam_model']}"}
+    jobs = {r["structure_id"]: r for r in lake.read("jobs").to_pylist()}
+    assert jobs[ids["W"]]["state"] == "failed" and jobs[ids["W"]]["error_class"] == "unknown_element"
+    assert jobs[ids["Cu"]]["state"] == "completed" and jobs[ids["Cu"]]["wall_time_s"] > 0
+    relaxed = lake.query("SELECT parent_ids FROM structures WHERE source = 'fam-relaxed'").column("parent_ids")
+    assert sorted(p[0] for p in relaxed.to_pylist()) == sorted([ids["Cu"], ids["CuAl"]])
+
+    # A rerun finds nothing left at gnn_pass and writes nothing.
+    before = lake.counts()
+    assert screen(params)["fam"]["screened"] == 0
+    assert lake.counts() == before
+
+
+@pytest.mark.slow
+def test_fam_batch_is_cached_on_structure_model_and_settings(lake, tmp_path: Path, prefect_server) -> None:
+    from prefect import flow
+
+    from tasks.common import in_lake
+    from tasks.fam import _structure_cols, fam_batch
+
+    model = str(build_tiny_mace(tmp_path / "tiny.model"))
+    rows = [_structure_cols(to_row(from_atoms(bulk("Cu", "fcc", a=3.6))))]
+    settings = FamSettings(steps=40)
+
+    @flow
+    def twice() -> tuple[list, list, list]:
+        task = in_lake(fam_batch, lake.url)
+        first = task(rows, model, settings)
+        second = task(rows, model, settings)
+        other = task(rows, model, settings.model_copy(update={"fmax": 0.04}))
+        return first, second, other
+
+    first, second, other = twice()
+    assert first == second  # served from the cache: identical, including the wall time recorded
+    assert other[0]["wall_time_s"] != first[0]["wall_time_s"]  # new settings: recomputed
