@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,3 +22,20 @@ class MatloopSettings(BaseSettings):
 
 def get_settings() -> MatloopSettings:
     return MatloopSettings()
+
+
+PROCESS_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+}
+"""Environment defaults for processes that run flows (each can be overridden by the environment):
+no Prefect telemetry, a patient ephemeral server on 2 cores, single-threaded BLAS (GPAW and numpy
+oversubscribe small machines otherwise; torch threads are set per task)."""
+
+
+def apply_process_defaults() -> None:
+    """Set PROCESS_DEFAULTS where the environment does not say otherwise; call before importing prefect."""
+    for key, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(key, value)

@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from core import plots
+from core.fam import FamSettings
 from flows.generate import DEFAULT_TARGETS, GenerateParams, generate
 from flows.label import LabelParams, label
 from flows.screen import ScreenParams, screen
@@ -65,6 +66,8 @@ class LoopParams(BaseModel):
     """Stage I: keep candidates whose CGCNN K is within this fraction of the target."""
     fam_tolerance: float = Field(0.20, gt=0)
     """Stage II: keep candidates whose FAM K is within this fraction of the target."""
+    fam_settings: FamSettings = Field(default_factory=FamSettings)
+    """Stage II relaxation, structure matching (StructureMatcher ltol/stol/angle_tol) and elastic settings."""
     fam_model: str = "auto"
     """Foundation atomic model: auto (MACE-MP-0 if its weights are available, else SevenNet-0), a name or a path."""
     dft_preset: str = "test"
@@ -106,6 +109,7 @@ def _stage_params(params: LoopParams, lake_url: str, iteration: int) -> dict[str
             gnn_tolerance=params.gnn_tolerance,
             fam_tolerance=params.fam_tolerance,
             fam_model=params.fam_model,
+            fam_settings=params.fam_settings,
         ),
         "label": LabelParams(
             lake_url=lake_url,

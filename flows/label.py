@@ -18,6 +18,7 @@ structures without a terminal state, and the task cache makes finished jobs free
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -125,7 +126,8 @@ class LabelParams(BaseModel):
     """Threads (local) or worker processes (dask) running DFT jobs at once."""
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     limit: int | None = Field(None, ge=1)
-    """Label at most this many structures in this run (the rest stay fam_pass for a later run)."""
+    """Label at most this many structures in this run, those whose FAM K is closest to target first
+    (the rest stay fam_pass for a later run)."""
 
     def settings(self) -> DftSettings:
         return preset(self.preset, **self.overrides)
@@ -366,6 +368,12 @@ def _write_structure(
     return outcome
 
 
+def _fam_miss(candidates: list[dict[str, Any]]) -> float:
+    """How far the FAM K is from the nearest target it was screened for (labeling order: closest first)."""
+    misses = [abs(c["fam_k"] - c["target"]) / c["target"] for c in candidates if c.get("fam_k") is not None]
+    return min(misses, default=math.inf)
+
+
 @flow(name="label", log_prints=True)
 def label(params: LabelParams | None = None) -> list[StructureOutcome]:
     """Stage III: DFT-label the candidates of ``params.iteration`` that passed the FAM screen."""
@@ -376,7 +384,7 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
     by_structure: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for cand in current(lake, params.iteration, status="fam_pass"):
         by_structure[cand["structure_id"]].append(cand)
-    ids = sorted(by_structure)[: params.limit] if params.limit else sorted(by_structure)
+    ids = sorted(by_structure, key=lambda sid: (_fam_miss(by_structure[sid]), sid))[: params.limit]
     if not ids:
         logger.info("iteration %d: no candidates at fam_pass, nothing to label", params.iteration)
         return []
@@ -384,6 +392,17 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
         r["structure_id"]: r
         for r in lake.query("SELECT * FROM structures WHERE list_contains(?, structure_id)", [ids]).to_pylist()
     }
+    # DFT starts from the stage-II geometry: near a PBE minimum already, so the DFT relaxation is short.
+    rows.update(
+        {
+            r["parent_ids"][0]: r
+            for r in lake.query(
+                "SELECT * FROM structures WHERE source = 'fam-relaxed' AND list_has_any(parent_ids, ?) "
+                "ORDER BY created_at",
+                [ids],
+            ).to_pylist()
+        }
+    )
     work, outcomes = [], []
     run_id = runtime_flow_run.get_id()
     for sid in ids:

@@ -12,20 +12,20 @@ pytestmark = pytest.mark.slow
 
 
 def tiny(lake: Lake, **overrides) -> LoopParams:
-    return LoopParams(
-        lake_url=lake.url,
-        targets=[250.0, 350.0],
-        focus_target=350.0,
-        iterations=1,
-        n_kept=3,
-        samples_per_kept=4,
-        gnn_tolerance=5.0,
-        fam_tolerance=5.0,
-        dft_limit=1,
-        predictor_config="small",
-        generator_config="small",
-        **overrides,
-    )
+    settings = {
+        "lake_url": lake.url,
+        "targets": [250.0, 350.0],
+        "focus_target": 350.0,
+        "iterations": 1,
+        "n_kept": 3,
+        "samples_per_kept": 4,
+        "gnn_tolerance": 5.0,
+        "fam_tolerance": 5.0,
+        "dft_limit": 1,
+        "predictor_config": "small",
+        "generator_config": "small",
+    }
+    return LoopParams(**{**settings, **overrides})
 
 
 def history_counts(lake: Lake) -> dict[str, int]:
