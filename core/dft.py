@@ -77,6 +77,8 @@ class DftSettings(BaseModel):
     mixing_beta: float = Field(0.05, gt=0, le=1)
     eigensolver: Eigensolver = "davidson"
     relax_steps: int = Field(100, ge=0)
+    relax_optimizer: Literal["BFGS", "FIRE"] = "BFGS"
+    """BFGS needs few force calls on the smooth DFT surface near a (FAM-relaxed) minimum; FIRE is the fallback."""
     pseudopotentials: str = "default"
     """Setups/POTCAR/UPF family: GPAW 'paw', VASP setups name, or a QE file pattern with {symbol}."""
 
@@ -208,7 +210,9 @@ ESCALATION: dict[FailureClass, tuple[EscalationStep, ...]] = {
         EscalationStep(name="double smearing", scale={"smearing_width": 2.0}),
     ),
     FailureClass.RELAX_UNCONVERGED: (
-        EscalationStep(name="double ionic steps", scale={"relax_steps": 2}),
+        EscalationStep(
+            name="FIRE optimizer, double ionic steps", set={"relax_optimizer": "FIRE"}, scale={"relax_steps": 2}
+        ),
         EscalationStep(name="tighter SCF for cleaner forces", scale={"scf_tol": 0.1, "max_scf_steps": 1.5}),
     ),
     # Scheduler problems: the settings are not at fault; retry as they were.
@@ -434,7 +438,14 @@ def run_relax(
     _bad_input(atoms)
     try:
         calc = dft_calculator(settings, directory, atoms=atoms)
-        result = relax(atoms.copy(), calc, fmax=settings.force_tol, steps=settings.relax_steps, cell=True)
+        result = relax(
+            atoms.copy(),
+            calc,
+            fmax=settings.force_tol,
+            steps=settings.relax_steps,
+            optimizer=settings.relax_optimizer,
+            cell=True,
+        )
         _check_converged(settings, calc, directory)
     except Exception as exc:
         raise _classify(exc, settings, directory) from exc

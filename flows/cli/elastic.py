@@ -26,19 +26,23 @@ def _one_thread() -> None:
         os.environ.setdefault(name, "1")
 
 
-def _calculator(fam: str, dft: str | None) -> tuple[Any, str]:
-    """(ASE calculator, method string) for a FAM name or a DFT preset."""
+def _calculator(fam: str, dft: str | None, atoms: Any) -> tuple[Any, str, dict[str, Any]]:
+    """(ASE calculator, method string, relax options) for a FAM name or a DFT preset."""
     if dft:
-        from core.dft import dft_calculator  # issue 4's factory; imported only when asked for
-        from core.provenance import settings_hash
+        from core.dft import dft_calculator, preset  # imported only when asked for: GPAW is heavy
 
-        calc = dft_calculator(dft)
-        return calc, f"dft:{type(calc).__name__.lower()}/{dft}@{settings_hash(getattr(calc, 'parameters', {}))}"
+        settings = preset(dft)
+        relax_options = {
+            "fmax": settings.force_tol,
+            "steps": settings.relax_steps,
+            "optimizer": settings.relax_optimizer,
+        }
+        return dft_calculator(settings, atoms=atoms), settings.method, relax_options
     from core.fam import fam_calculator, set_torch_threads
 
     set_torch_threads()
     calc, name = fam_calculator(fam)
-    return calc, f"fam:{name}"
+    return calc, f"fam:{name}", {}
 
 
 def _fmt(value: float | None, unit: str = "GPa") -> str:
@@ -50,8 +54,10 @@ def elastic(
     file: Annotated[Path, typer.Argument(help=_FILE_HELP, exists=True, dir_okay=False, readable=True)],
     fam: Annotated[str, typer.Option("--fam", help=_FAM_HELP)] = "auto",
     dft: Annotated[str | None, typer.Option("--dft", help=_DFT_HELP)] = None,
-    fmax: Annotated[float, typer.Option(help="Relaxation force threshold, eV/Å.")] = 0.05,
-    steps: Annotated[int, typer.Option(help="Maximum relaxation steps.")] = 300,
+    fmax: Annotated[
+        float, typer.Option(help="Relaxation force threshold, eV/Å (FAM; a DFT preset sets its own).")
+    ] = 0.05,
+    steps: Annotated[int, typer.Option(help="Maximum relaxation steps (FAM; a DFT preset sets its own).")] = 300,
     no_relax: Annotated[bool, typer.Option("--no-relax", help="Use the structure as given (already relaxed).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -66,9 +72,9 @@ def elastic(
         atoms = read(str(file))
     except Exception as exc:
         raise typer.BadParameter(f"cannot read {file}: {exc}", param_hint="FILE") from exc
-    calc, method = _calculator(fam, dft)
+    calc, method, relax_options = _calculator(fam, dft, atoms)
     t0 = time.perf_counter()
-    relaxed = None if no_relax else relax(atoms, calc, fmax=fmax, steps=steps)
+    relaxed = None if no_relax else relax(atoms, calc, **{"fmax": fmax, "steps": steps, **relax_options})
     ref = atoms if relaxed is None else relaxed.atoms
     settings = ElasticSettings()
     bar = tqdm(total=len(deformations(ref, settings)), desc="elastic", disable=as_json, leave=False)

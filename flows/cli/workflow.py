@@ -21,15 +21,15 @@ DEMO_QUERIES = {
         "FROM iterations ORDER BY iteration DESC, target LIMIT 7"
     ),
     "candidates and their verdicts": (
-        "SELECT target, structure_id, round(gnn_k) AS gnn_k, gnn_verdict, round(fam_k) AS fam_k, fam_verdict, "
-        "round(dft_k) AS dft_k, status FROM candidates ORDER BY target, status LIMIT 10"
+        "SELECT target, left(structure_id, 11) AS id, round(gnn_k) AS gnn_k, gnn_verdict AS gnn, round(fam_k) AS fam_k, "
+        "fam_verdict AS fam, round(dft_k) AS dft_k, status FROM candidates ORDER BY target, status LIMIT 10"
     ),
     "why candidates were rejected": (
         "SELECT coalesce(fam_reason, gnn_reason, dft_reason) AS reason, count(*) AS n "
         "FROM candidates WHERE status IN ('rejected', 'failed') GROUP BY 1 ORDER BY 2 DESC LIMIT 8"
     ),
     "every DFT attempt": (
-        "SELECT structure_id, calculation, attempt, state, error_class, round(wall_time_s, 1) AS s "
+        "SELECT left(structure_id, 11) AS id, calculation, attempt, state, error_class, round(wall_time_s, 1) AS s "
         "FROM jobs WHERE stage = 'dft' ORDER BY created_at LIMIT 10"
     ),
 }
