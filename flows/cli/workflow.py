@@ -21,7 +21,7 @@ DEMO_QUERIES = {
         "FROM iterations ORDER BY iteration DESC, target LIMIT 7"
     ),
     "candidates and their verdicts": (
-        "SELECT target, left(structure_id, 11) AS id, round(gnn_k) AS gnn_k, gnn_verdict AS gnn, round(fam_k) AS fam_k, "
+        "SELECT target, left(structure_id, 11) AS id, round(gnn_k) AS gnn_k, gnn_verdict AS gnn, round(fam_k) fam_k, "
         "fam_verdict AS fam, round(dft_k) AS dft_k, status FROM candidates ORDER BY target, status LIMIT 10"
     ),
     "why candidates were rejected": (
