@@ -37,16 +37,20 @@ def dft_k_histogram(
 ) -> Path:
     """Histogram of the DFT K of newly labeled structures, one colour per iteration."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    values = [v for vs in values_by_iteration.values() for v in vs]
-    bins = np.linspace(min(values, default=0), max(values, default=500), 20) if values else 20
+    span = [v for vs in values_by_iteration.values() for v in vs] + ([target] if target is not None else [])
+    lo, hi = min(span, default=0.0), max(span, default=500.0)
+    bins = np.linspace(lo - 0.05 * (hi - lo) - 10, hi + 0.05 * (hi - lo) + 10, 21)  # never zero-width
     for iteration, vs in sorted(values_by_iteration.items()):
         if len(vs):
             ax.hist(vs, bins=bins, alpha=0.6, label=f"iteration {iteration}")
     if target is not None:
         ax.axvline(target, color="k", ls="--", label=f"target {target:g} GPa")
+    if not any(len(vs) for vs in values_by_iteration.values()):
+        ax.text(0.5, 0.5, "no structures labeled yet", transform=ax.transAxes, ha="center")
     ax.set_xlabel("DFT K_vrh (GPa)")
     ax.set_ylabel("new structures")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 
