@@ -27,10 +27,12 @@ def test_loop_deployment_runs_every_stage_on_its_pool(tmp_path):
         "targets": [300.0],
         "focus_target": 300.0,
         "iterations": 1,
-        "n_kept": 3,
+        "n_kept": 4,
         "samples_per_kept": 4,
         "gnn_tolerance": 5.0,
         "fam_tolerance": 5.0,
+        # loose structure matching so that a candidate of the tiny generator reaches DFT
+        "fam_settings": {"ltol": 0.6, "stol": 1.0, "angle_tol": 20.0},
         "dft_limit": 1,
         "predictor_config": "small",
         "generator_config": "small",
@@ -56,20 +58,25 @@ def test_loop_deployment_runs_every_stage_on_its_pool(tmp_path):
         )
         logs = {p.name: p.read_text()[-3000:] for p in stack.log_dir.glob("*.log")}
         assert run.returncode == 0 and "Completed" in run.stdout, (run.stdout[-3000:], run.stderr[-3000:], logs)
+        wide = {**stack.env, "COLUMNS": "400"}  # rich cuts table cells to the terminal width
         flows = subprocess.run(
-            [stack.prefect, "flow-run", "ls", "--limit", "20"], env=stack.env, capture_output=True, text=True
+            [stack.prefect, "flow-run", "ls", "--limit", "20"], env=wide, capture_output=True, text=True
         ).stdout
-        artifacts = subprocess.run(
-            [stack.prefect, "artifact", "ls"], env=stack.env, capture_output=True, text=True
-        ).stdout
+        artifacts = subprocess.run([stack.prefect, "artifact", "ls"], env=wide, capture_output=True, text=True).stdout
     for flow_name in ("active-learning", "train", "generate", "screen", "label"):
         assert flow_name in flows
     assert "iteration-0" in artifacts and "funnel-0" in artifacts
     counts = lake.counts()
     assert counts["models"] >= 2  # predictor and generator
     stages = set(lake.query("SELECT DISTINCT stage FROM candidates_history").column("stage").to_pylist())
-    assert {"generate", "screen_gnn", "screen_fam"} <= stages
+    assert {"generate", "gnn", "fam", "label"} <= stages
     assert lake.query("SELECT count(*) n FROM jobs WHERE stage = 'fam'").column("n")[0].as_py() > 0
     rows = lake.query("SELECT * FROM iterations WHERE iteration = 0").to_pylist()
-    assert [r["target"] for r in rows] == [300.0] and rows[0]["n_kept"] == 3
+    print(rows)
+    assert [r["target"] for r in rows] == [300.0] and rows[0]["n_kept"] == 4
+    assert rows[0]["n_fam_pass"] >= 1
+    dft = lake.query("SELECT count(*) n FROM jobs WHERE stage = 'dft' AND state = 'completed'").column("n")[0].as_py()
+    assert dft > 0  # the label flow ran DFT on the hpc pool
+    labeled = lake.query("SELECT status FROM candidates WHERE dft_verdict IS NOT NULL").column("status").to_pylist()
+    assert labeled and set(labeled) <= {"labeled", "failed"}
     assert lake.fs.exists(lake.path("plots", "iteration=0", "mape_per_target.png"))
