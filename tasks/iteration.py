@@ -57,19 +57,21 @@ def latent_snapshot(
     """
     from tasks.generate import load_registered_generator
 
-    try:
-        _, generator = load_registered_generator(lake.url)
-    except ModelNotFoundError:
-        return None
-    train = labeled_k_vrh(lake, split="train").to_pylist()[:max_reference]
     new = lake.query(
         "SELECT s.*, c.dft_k AS k_vrh FROM candidates c JOIN structures s USING (structure_id) "
         "WHERE c.iteration = ? AND c.status = 'labeled'",
         [iteration],
     ).to_pylist()
-    if not new or not hasattr(generator, "latents"):
+    if not new:  # checked first: nothing to highlight, so no model load and no training-set read
         return None
-    rows = train + new
-    z = generator.latents([from_row(r) for r in rows])
-    is_new = np.array([False] * len(train) + [True] * len(new))
+    try:
+        _, generator = load_registered_generator(lake.url)
+    except ModelNotFoundError:
+        return None
+    rows = labeled_k_vrh(lake, split="train").to_pylist()[:max_reference] + new
+    try:
+        z = generator.latents([from_row(r) for r in rows])
+    except NotImplementedError:  # a generator without an encoder has no map to draw
+        return None
+    is_new = np.array([False] * (len(rows) - len(new)) + [True] * len(new))
     return z, is_new, np.array([r["k_vrh"] for r in rows], dtype=float)
