@@ -54,6 +54,8 @@ class CGCNNConfig(BaseModel):
     n_models: int = Field(4, ge=1, description="ensemble members")
     seed: int = Field(0, description="member k is trained with seed + k")
     max_epochs: int = Field(30, ge=1)
+    finetune_epochs: int = Field(10, ge=1, description="epochs of a warm start from a parent model")
+    finetune_lr_scale: float = Field(0.3, gt=0, description="learning rate of a warm start, relative to lr")
     patience: int = Field(10, ge=1, description="stop after this many epochs without a better validation MAE")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate, cosine-annealed to lr/100 over max_epochs")
@@ -246,36 +248,51 @@ def train_member(
     config: CGCNNConfig,
     seed: int,
     *,
+    init: CGCNN | None = None,
+    weights: np.ndarray | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train one network on log10 K, keep the weights with the best validation MAE (early stopping).
 
-    Seeding is local (forked RNG and a private generator for the batch order), so training
-    neither reads nor disturbs the global random state and is reproducible on the CPU.
+    ``init`` warm-starts from a trained network (its target statistics kept, ``finetune_epochs`` at
+    ``lr * finetune_lr_scale``); ``weights`` set how often each training graph is drawn per epoch, so a
+    few dozen new labels count against thousands of seed rows. Seeding is local (forked RNG and a
+    private generator for the batch order), so training neither reads nor disturbs the global random
+    state and is reproducible on the CPU.
     """
     if len(train_graphs) == 0 or len(val_graphs) == 0:
         raise ValueError(f"need training and validation structures (got {len(train_graphs)} and {len(val_graphs)})")
     device = resolve_device(config.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CGCNN(config)
-    model.target_mean.fill_(float(np.mean(train_y)))
-    model.target_std.fill_(max(float(np.std(train_y)), 1e-6))
+    if init is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CGCNN(config)
+        model.target_mean.fill_(float(np.mean(train_y)))
+        model.target_std.fill_(max(float(np.std(train_y)), 1e-6))
+        epochs, lr = config.max_epochs, config.lr
+    else:
+        model = copy.deepcopy(init)
+        epochs, lr = config.finetune_epochs, config.lr * config.finetune_lr_scale
     model.to(device)
     generator = torch.Generator().manual_seed(seed)
-    y_std = torch.as_tensor((train_y - np.mean(train_y)) / model.target_std.item(), dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.max_epochs, eta_min=config.lr / 100)
+    y_std = torch.as_tensor((train_y - model.target_mean.item()) / model.target_std.item(), dtype=torch.float32)
+    uniform = weights is None or bool(np.all(weights == weights[0]))
+    draw = None if uniform else torch.as_tensor(weights, dtype=torch.float64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=lr / 100)
     loss_fn = nn.L1Loss() if config.loss == "l1" else nn.MSELoss()
     val_batches = [collate([val_graphs[i] for i in idx]).to(device) for idx in _batches(len(val_graphs), 256)]
 
     best_state, best_mae, best_epoch, epoch = copy.deepcopy(model.state_dict()), math.inf, -1, -1
     start = time.perf_counter()
-    bar = tqdm(range(config.max_epochs), desc=f"cgcnn seed {seed}", disable=not progress, leave=False)
+    bar = tqdm(range(epochs), desc=f"cgcnn seed {seed}", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        order = torch.randperm(len(train_graphs), generator=generator).numpy()
+        if draw is None:
+            order = torch.randperm(len(train_graphs), generator=generator).numpy()
+        else:
+            order = torch.multinomial(draw, len(train_graphs), replacement=True, generator=generator).numpy()
         for idx in _batches(len(train_graphs), config.batch_size, order):
             if len(idx) < 2:  # batch norm needs more than one graph's statistics to be meaningful
                 continue
@@ -397,12 +414,26 @@ def train_ensemble(
     val: tuple[Sequence[CrystalGraph], np.ndarray],
     config: CGCNNConfig,
     *,
+    parent: Ensemble | None = None,
+    weights: np.ndarray | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Ensemble:
-    """Train ``config.n_models`` members (seeds seed..seed+n-1); metrics record each member's run."""
+    """Train ``config.n_models`` members (seeds seed..seed+n-1), each warm-started from ``parent``'s when given."""
+    if parent is not None and parent.config.architecture() != config.architecture():
+        raise ValueError("a warm start needs the parent's architecture (graph settings, layer sizes, members)")
     results = [
-        train_member(*train, *val, config, config.seed + k, progress=progress, log=log) for k in range(config.n_models)
+        train_member(
+            *train,
+            *val,
+            config,
+            config.seed + k,
+            init=parent.members[k] if parent else None,
+            weights=weights,
+            progress=progress,
+            log=log,
+        )
+        for k in range(config.n_models)
     ]
     metrics = {
         "members": [

@@ -16,17 +16,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
-def mape_per_target(rows: Sequence[Mapping], path: Path) -> Path:
-    """MAPE of the predicted K against each target, one line per target across iterations."""
+def mape_per_target(rows: Sequence[Mapping], path: Path, column: str = "mape_gnn", label: str | None = None) -> Path:
+    """MAPE against each target across iterations, one line per target (the reference work's Fig. 3d).
+
+    ``column`` picks the figure: ``mape_gnn`` (stage-I CGCNN on kept candidates) or ``mape_grader_raw``
+    (the frozen grader on all raw samples, the reference metric).
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
     for target in sorted({r["target"] for r in rows}):
-        pts = sorted(
-            (r["iteration"], r["mape_gnn"]) for r in rows if r["target"] == target and r["mape_gnn"] is not None
-        )
+        pts = sorted((r["iteration"], r[column]) for r in rows if r["target"] == target and r.get(column) is not None)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=f"{target:g} GPa")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("MAPE of CGCNN K vs target")
+    ax.set_ylabel(label or f"MAPE vs target ({column})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -51,6 +54,28 @@ def dft_k_histogram(
     ax.set_ylabel("new structures")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def k_distributions(
+    samples: Mapping[tuple[int, float], Sequence[float]], path: Path, xlabel: str = "K_vrh of raw samples (GPa)"
+) -> Path:
+    """K of generated samples per target (one panel each), one histogram per iteration (the reference Fig. 3a-c)."""
+    targets = sorted({t for _, t in samples})
+    fig, axes = plt.subplots(1, max(len(targets), 1), figsize=(3.2 * max(len(targets), 1), 3.2), squeeze=False)
+    values = [v for vs in samples.values() for v in vs]
+    hi = max(values, default=500.0) * 1.05 + 1.0
+    bins = np.linspace(0.0, hi, 31)
+    for ax, target in zip(axes[0], targets, strict=False):
+        for (iteration, t), vs in sorted(samples.items()):
+            if t == target and len(vs):
+                ax.hist(vs, bins=bins, alpha=0.5, density=True, label=f"iteration {iteration}")
+        ax.axvline(target, color="k", ls="--")
+        ax.set_title(f"target {target:g} GPa", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.legend(fontsize=7)
+    if not targets:
+        axes[0][0].text(0.5, 0.5, "no samples recorded", transform=axes[0][0].transAxes, ha="center")
     return _save(fig, path)
 
 

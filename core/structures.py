@@ -204,6 +204,26 @@ def excluded_reason(elements: list[str]) -> str | None:
     return None
 
 
+def symmetrize(structure: Structure, symprec: float) -> Structure:
+    """The primitive standard cell of ``structure`` idealized to the space group spglib finds at ``symprec`` (Å).
+
+    A generated crystal that sits within ``symprec`` of a symmetric arrangement (a B2 cell with
+    one atom 0.05 Å off its site, say) becomes that arrangement: forces then respect the
+    symmetry, so a relaxation keeps it, where from the distorted P1 cell it would fall to the
+    symmetric minimum and no longer match the input. A crystal with no symmetry beyond P1 at this
+    tolerance, or one spglib cannot analyse, comes back unchanged.
+    """
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    try:
+        analyzer = SpacegroupAnalyzer(structure, symprec=symprec)
+        if analyzer.get_space_group_number() == 1:
+            return structure
+        return analyzer.get_primitive_standard_structure()
+    except (ValueError, TypeError, RuntimeError):  # spglib found no dataset
+        return structure
+
+
 def validity_problem(structure: Structure) -> str | None:
     """Why a structure is physically invalid (overlapping atoms, degenerate cell), or None."""
     vpa = structure.volume / len(structure)

@@ -32,6 +32,7 @@ from flows.label import LabelParams, label
 from flows.screen import ScreenParams, screen
 from flows.train import TrainParams, train
 from storage import Lake
+from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
 from tasks.iteration import iteration_metrics, latent_snapshot
 
 DEPLOYMENTS = {
@@ -70,6 +71,17 @@ class LoopParams(BaseModel):
     """Stage II relaxation, structure matching (StructureMatcher ltol/stol/angle_tol) and elastic settings."""
     fam_model: str = "auto"
     """Foundation atomic model: auto (MACE-MP-0 if its weights are available, else SevenNet-0), a name or a path."""
+    label_source: Literal["dft", "fam"] = "dft"
+    """Who labels the stage-II survivors: DFT (the reference work), or the FAM (its K becomes the label,
+    marked fam:<model> on every row: cheap enough for many iterations on a laptop)."""
+    warm_start: bool = True
+    """Iterations after the first fine-tune the previous iteration's predictor and generator."""
+    new_label_weight: float = Field(DEFAULT_NEW_LABEL_WEIGHT, gt=0)
+    """How many times as often a loop-labeled structure is drawn in training as a seed row."""
+    feedback: bool = True
+    """Train on the loop's labels; False runs the same schedule on the seed data only (a control arm)."""
+    grader: str | None = None
+    """Path of a frozen CGCNN checkpoint that grades every raw sample (MAPE in ``generations``/``iterations``)."""
     dft_preset: str = "test"
     """DFT preset for labeling (test, gpaw-tight, vasp, qe)."""
     dft_limit: int | None = Field(None, ge=1)
@@ -82,18 +94,38 @@ class LoopParams(BaseModel):
     """Generator config name (small, paper)."""
     seed: int = 0
     """Sampling seed."""
+    model_seed: int | None = None
+    """Training seed of the predictor and generator instead of their configs' (independent repeats of a loop)."""
     mode: Literal["embedded", "deployed"] = "embedded"
     """embedded: stages run in this process; deployed: each stage runs on its work pool."""
 
 
-def _stage_params(params: LoopParams, lake_url: str, iteration: int) -> dict[str, BaseModel]:
+def _parents(lake: Lake, params: LoopParams, iteration: int) -> dict[str, str | None]:
+    """The models the previous iteration used (its ``iterations`` rows): what a warm start fine-tunes."""
+    none = {"parent_predictor": None, "parent_generator": None}
+    if not params.warm_start or iteration == 0:
+        return none
+    rows = lake.query(
+        "SELECT predictor_model_id, generator_model_id FROM iterations WHERE iteration = ? LIMIT 1", [iteration - 1]
+    ).to_pylist()
+    if not rows:
+        return none
+    return {"parent_predictor": rows[0]["predictor_model_id"], "parent_generator": rows[0]["generator_model_id"]}
+
+
+def _stage_params(params: LoopParams, lake: Lake, iteration: int) -> dict[str, BaseModel]:
     """Each stage's own parameter model, built from the loop's."""
+    lake_url = lake.url
     return {
         "train": TrainParams(
             lake_url=lake_url,
             what=["predictor", "generator"],
             predictor_config=params.predictor_config,
             generator_config=params.generator_config,
+            new_label_weight=params.new_label_weight,
+            feedback=params.feedback,
+            model_seed=params.model_seed,
+            **_parents(lake, params, iteration),
         ),
         "generate": GenerateParams(
             lake_url=lake_url,
@@ -102,6 +134,7 @@ def _stage_params(params: LoopParams, lake_url: str, iteration: int) -> dict[str
             samples_per_kept=params.samples_per_kept,
             n_kept=params.n_kept,
             seed=params.seed + iteration,
+            grader=params.grader,
         ),
         "screen": ScreenParams(
             lake_url=lake_url,
@@ -117,6 +150,7 @@ def _stage_params(params: LoopParams, lake_url: str, iteration: int) -> dict[str
             preset=params.dft_preset,
             limit=params.dft_limit,
             runner=params.dft_runner,
+            source=params.label_source,
         ),
     }
 
@@ -157,13 +191,13 @@ def active_learning(params: LoopParams | None = None) -> list[dict[str, Any]]:
             summaries += lake.query("SELECT * FROM iterations WHERE iteration = ?", [iteration]).to_pylist()
             continue
         wall: dict[str, float] = {}
-        stages = _stage_params(params, lake.url, iteration)
+        stages = _stage_params(params, lake, iteration)
         for stage, stage_params in stages.items():
             logger.info("iteration %d: %s (%s)", iteration, stage, params.mode)
             t0 = time.perf_counter()
             _run_stage(stage, stage_params, params.mode)
             wall[stage] = round(time.perf_counter() - t0, 2)
-        rows = iteration_metrics(lake, iteration, wall, params.samples_per_kept)
+        rows = iteration_metrics(lake, iteration, wall, params.samples_per_kept, params.label_source)
         lake.append("iterations", rows, run_id=run_id)
         report(lake, params, iteration, rows)
         summaries += rows
@@ -172,7 +206,11 @@ def active_learning(params: LoopParams | None = None) -> list[dict[str, Any]]:
 
 def report(lake: Lake, params: LoopParams, iteration: int, rows: list[dict[str, Any]]) -> None:
     """The iteration's artifacts: markdown summary, funnel table, and plots stored in the lake."""
-    history = lake.query("SELECT iteration, target, mape_gnn FROM iterations ORDER BY iteration, target").to_pylist()
+    history = lake.query("SELECT * FROM iterations ORDER BY iteration, target").to_pylist()
+    generations = lake.query("SELECT * FROM generations ORDER BY iteration, target").to_pylist()
+    graded = any(g["k_grader_raw_json"] for g in generations)
+    k_column = "k_grader_raw_json" if graded else "k_head_raw_json"
+    samples = {(g["iteration"], g["target"]): json.loads(g[k_column] or "[]") for g in generations}
     dft = lake.query(
         "SELECT iteration, dft_k FROM candidates WHERE status = 'labeled' AND dft_k IS NOT NULL"
     ).to_pylist()
@@ -182,9 +220,18 @@ def report(lake: Lake, params: LoopParams, iteration: int, rows: list[dict[str, 
     links = []
     with tempfile.TemporaryDirectory() as tmp:
         figures = {
-            "mape_per_target.png": lambda p: plots.mape_per_target(history, p),
+            "mape_per_target.png": lambda p: plots.mape_per_target(
+                history, p, "mape_gnn", "MAPE of stage-I CGCNN K (kept) vs target"
+            ),
+            "k_of_samples.png": lambda p: plots.k_distributions(
+                samples, p, f"{'grader' if graded else 'generator head'} K of raw samples (GPa)"
+            ),
             "dft_k_histogram.png": lambda p: plots.dft_k_histogram(by_iteration, p, params.focus_target),
         }
+        if graded:
+            figures["mape_raw_per_target.png"] = lambda p: plots.mape_per_target(
+                history, p, "mape_grader_raw", "MAPE of frozen-grader K (raw samples) vs target"
+            )
         latents = latent_snapshot(lake, iteration)
         if latents is not None:
             figures["latent_tsne.png"] = lambda p: plots.latent_map(*latents, p)

@@ -42,6 +42,8 @@ class GenerateParams(BaseModel):
     """Generator model id; None = the latest registered generator."""
     seed: int = 0
     """Sampling seed (each target derives its own from it)."""
+    grader: str | None = None
+    """Path of a frozen CGCNN checkpoint that grades every raw sample (recorded in ``generations``)."""
 
 
 @flow(name="generate", log_prints=True)
@@ -63,18 +65,19 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
             summary.append({"target": target, "n_sampled": 0, "n_kept": 0, "note": "already generated"})
             continue
         result = sample_candidates(
-            lake_url, model_id, float(target), params.n_kept, params.samples_per_kept, params.seed
+            lake_url, model_id, float(target), params.n_kept, params.samples_per_kept, params.seed, params.grader
         )
-        written = write_candidates(lake_url, params.iteration, model_id, float(target), result["kept"], run_id)
         stats = result["stats"]
+        written = write_candidates(lake_url, params.iteration, model_id, float(target), result["kept"], run_id, stats)
         summary.append(
             {
                 "target": target,
                 "n_sampled": stats["n_sampled"],
                 "n_kept": written,
                 "validity": round(stats["validity"], 3),
-                "head_mape_kept": round(stats["head_mape_kept"], 3),
-                "head_mape_all": round(stats["head_mape_all"], 3),
+                "head_mape_kept": round(stats["mape_head_kept"], 3),
+                "head_mape_all": round(stats["mape_head_raw"], 3),
+                "grader_mape_all": round(stats["mape_grader_raw"], 3) if "mape_grader_raw" in stats else None,
                 "note": "",
             }
         )

@@ -37,6 +37,7 @@ from core.failures import FaultInjection, as_failure
 from core.structures import from_atoms, from_row, split_of, to_atoms, to_row
 from storage import Lake
 from storage.candidates import advance, current
+from storage.queries import LOOP_LABEL_FLAG
 from tasks.common import in_lake
 from tasks.dft import atoms_from_dict, atoms_to_dict, dft_point, dft_relax
 
@@ -128,6 +129,9 @@ class LabelParams(BaseModel):
     limit: int | None = Field(None, ge=1)
     """Label at most this many structures in this run, those whose FAM K is closest to target first
     (the rest stay fam_pass for a later run)."""
+    source: Literal["dft", "fam"] = "dft"
+    """dft: label by DFT (the reference work). fam: promote the stage-II FAM K of each survivor to its
+    label (rows marked fam:<model> and loop_label): cheap enough for many iterations on a laptop."""
 
     def settings(self) -> DftSettings:
         return preset(self.preset, **self.overrides)
@@ -368,6 +372,41 @@ def _write_structure(
     return outcome
 
 
+def _label_with_fam(
+    lake: Lake, iteration: int, candidates: list[dict[str, Any]], relaxed: dict[str, Any] | None, run_id: Any
+) -> StructureOutcome:
+    """Label source ``fam``: the stage-II K becomes the training label of the FAM-relaxed structure."""
+    first = candidates[0]
+    sid, method = first["structure_id"], f"fam:{first['fam_model']}"
+    labeled_id = relaxed["structure_id"] if relaxed else sid
+    lake.append(
+        "properties",
+        [
+            {
+                "structure_id": labeled_id,
+                "name": "k_vrh",
+                "value": first["fam_k"],
+                "unit": "GPa",
+                "method": method,
+                "model_id": first["fam_model"],
+                "flags": [LOOP_LABEL_FLAG],
+                "iteration": iteration,
+            }
+        ],
+        run_id=run_id,
+    )
+    outcome = StructureOutcome(
+        structure_id=sid,
+        verdict="labeled",
+        k_vrh=first["fam_k"],
+        method=method,
+        relaxed_id=labeled_id,
+        reason="labeled by the FAM (label source fam)",
+    )
+    _record(lake, iteration, candidates, outcome, run_id)
+    return outcome
+
+
 def _fam_miss(candidates: list[dict[str, Any]]) -> float:
     """How far the FAM K is from the nearest target it was screened for (labeling order: closest first)."""
     misses = [abs(c["fam_k"] - c["target"]) / c["target"] for c in candidates if c.get("fam_k") is not None]
@@ -376,7 +415,7 @@ def _fam_miss(candidates: list[dict[str, Any]]) -> float:
 
 @flow(name="label", log_prints=True)
 def label(params: LabelParams | None = None) -> list[StructureOutcome]:
-    """Stage III: DFT-label the candidates of ``params.iteration`` that passed the FAM screen."""
+    """Stage III: label the candidates of ``params.iteration`` that passed the FAM screen (DFT, or the FAM's K)."""
     params = params or LabelParams()
     logger = get_run_logger()
     lake = Lake(params.lake_url)
@@ -403,8 +442,10 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
             ).to_pylist()
         }
     )
-    work, outcomes = [], []
     run_id = runtime_flow_run.get_id()
+    if params.source == "fam":
+        return [_label_with_fam(lake, params.iteration, by_structure[sid], rows.get(sid), run_id) for sid in ids]
+    work, outcomes = [], []
     for sid in ids:
         if sid not in rows:
             outcome = StructureOutcome(

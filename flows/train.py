@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.cgcnn import code_hash, get_config
 from storage import Lake
+from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
 from tasks.common import in_lake
 from tasks.train import labeled_snapshot, train_predictor
 
@@ -37,6 +38,16 @@ class TrainParams(BaseModel):
     """Field overrides on the named config, e.g. {"n_models": 2, "graph": {"cutoff": 6.0}}."""
     generator_config: str = "small"
     """Named generator config (the generator's own module defines the names)."""
+    parent_predictor: str | None = None
+    """Fine-tune this registered CGCNN ensemble (warm start) instead of training from scratch."""
+    parent_generator: str | None = None
+    """Fine-tune this registered generator (warm start) instead of training from scratch."""
+    new_label_weight: float = Field(DEFAULT_NEW_LABEL_WEIGHT, gt=0)
+    """How many times as often a loop-labeled structure is drawn as a seed row."""
+    feedback: bool = True
+    """Train on the loop's labels; False keeps to the seed data (the benchmark's no-feedback arm)."""
+    model_seed: int | None = None
+    """Training seed of both models instead of their configs' (independently trained models of one config)."""
 
 
 def metrics_table(model_id: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -61,11 +72,18 @@ def metrics_table(model_id: str, metrics: dict[str, Any]) -> list[dict[str, Any]
     return rows
 
 
-def _train_generator(lake_url: str, config_name: str) -> str:
-    """The single dispatch point for generator training (the generator issue provides the task)."""
+def _train_generator(params: TrainParams, lake_url: str) -> str:
+    """The single dispatch point for generator training (imported late: it loads the generator code)."""
     from tasks.train_generator import train_generator
 
-    return train_generator(lake_url, config_name)
+    return train_generator(
+        lake_url,
+        params.generator_config,
+        params.parent_generator,
+        params.new_label_weight,
+        params.feedback,
+        params.model_seed,
+    )
 
 
 @flow(name="train", log_prints=True)
@@ -76,7 +94,8 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
     lake_url = Lake(params.lake_url).url
     trained: dict[str, str] = {}
     if "predictor" in params.what:
-        config = get_config(params.predictor_config, params.predictor_overrides)
+        seed = {} if params.model_seed is None else {"seed": params.model_seed}
+        config = get_config(params.predictor_config, {**params.predictor_overrides, **seed})
         snapshot = labeled_snapshot(lake_url)
         logger.info(
             "predictor: %d labeled structures (data hash %s), config %s",
@@ -85,7 +104,13 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
             params.predictor_config,
         )
         result = in_lake(train_predictor, lake_url)(
-            lake_url, config.model_dump(mode="json"), snapshot.data_hash, code_hash()
+            lake_url,
+            config.model_dump(mode="json"),
+            snapshot.data_hash,
+            code_hash(),
+            params.parent_predictor,
+            params.new_label_weight,
+            params.feedback,
         )
         trained["predictor"] = result["model_id"]
         create_table_artifact(
@@ -95,5 +120,5 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
             f"Parity plot: {lake_url}/{result['parity_plot']}",
         )
     if "generator" in params.what:
-        trained["generator"] = _train_generator(lake_url, params.generator_config)
+        trained["generator"] = _train_generator(params, lake_url)
     return trained

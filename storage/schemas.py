@@ -126,14 +126,42 @@ ITERATIONS = pa.schema(
         pa.field("n_labeled", pa.int64()),
         pa.field("n_failed", pa.int64()),
         pa.field("mape_gnn", pa.float64()),  # CGCNN-predicted K of kept candidates vs target
-        pa.field("dft_k_mean", pa.float64()),
+        pa.field("dft_k_mean", pa.float64()),  # K of the structures labeled this iteration (DFT or FAM labels)
         pa.field("dft_k_std", pa.float64()),
+        pa.field("label_source", pa.string()),  # dft | fam
+        pa.field("n_within_20", pa.int64()),  # labeled structures with K within 20 % of target
+        pa.field("mape_head_raw", pa.float64()),  # generator's head on all raw samples vs target
+        pa.field("mape_head_kept", pa.float64()),
+        pa.field("mape_grader_raw", pa.float64()),  # frozen grader CGCNN on all raw samples vs target
+        pa.field("mape_grader_kept", pa.float64()),
+        pa.field("mape_fam_kept", pa.float64()),  # FAM K of kept candidates; failed or changed count as 1.0
+        pa.field("fam_survival", pa.float64()),  # stage-II pass / stage-I pass
         pa.field("validity", pa.float64()),
         pa.field("uniqueness", pa.float64()),
         pa.field("novelty", pa.float64()),
         pa.field("wall_times_json", pa.string()),  # seconds per stage
         pa.field("predictor_model_id", pa.string()),
         pa.field("generator_model_id", pa.string()),
+        *_PROVENANCE,
+    ]
+)
+
+GENERATIONS = pa.schema(
+    [
+        pa.field("iteration", pa.int32(), nullable=False),
+        pa.field("target", pa.float64(), nullable=False),
+        pa.field("generator_model_id", pa.string()),
+        pa.field("n_sampled", pa.int64()),
+        pa.field("n_kept", pa.int64()),
+        pa.field("validity", pa.float64()),
+        pa.field("single_element", pa.float64()),  # fraction of raw samples with one element
+        pa.field("mape_head_raw", pa.float64()),
+        pa.field("mape_head_kept", pa.float64()),
+        pa.field("grader_id", pa.string()),  # frozen CGCNN that grades raw samples (checkpoint hash), if any
+        pa.field("mape_grader_raw", pa.float64()),
+        pa.field("mape_grader_kept", pa.float64()),
+        pa.field("k_head_raw_json", pa.string()),  # head K of every raw sample (distribution plots)
+        pa.field("k_grader_raw_json", pa.string()),  # grader K of every raw sample
         *_PROVENANCE,
     ]
 )
@@ -156,6 +184,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "jobs": JOBS,
     "models": MODELS,
     "iterations": ITERATIONS,
+    "generations": GENERATIONS,
     "quarantine": QUARANTINE,
 }
 
@@ -166,6 +195,7 @@ PARTITION: dict[str, str] = {
     "jobs": "stage",
     "models": "kind",
     "iterations": "iteration",
+    "generations": "iteration",
     "quarantine": "source",
 }
 
@@ -176,6 +206,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "jobs": ("job_id", "attempt"),
     "models": ("model_id",),
     "iterations": ("iteration", "target"),
+    "generations": ("iteration", "target"),
     "quarantine": ("source", "record_id", "reason"),
 }
 """Rows sharing a key: the newest (created_at) is the current one."""

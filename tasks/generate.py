@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import task
 
+from core.cgcnn import Ensemble
 from core.generator import Generator, keep_best, load_generator
 from core.metrics import mape, validity
 from core.structures import split_of, to_row
@@ -45,40 +48,86 @@ def derive_seed(seed: int, target: float) -> int:
     return int(hashlib.sha256(f"{seed}:{target:.6g}".encode()).hexdigest()[:8], 16)
 
 
+@functools.lru_cache(maxsize=2)
+def _grader(path: Path, mtime: float) -> tuple[str, Ensemble]:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return f"cgcnn-file:{digest}", Ensemble.load(path)
+
+
+def load_grader(path: str) -> tuple[str, Ensemble]:
+    """The frozen CGCNN ensemble at ``path`` that grades raw samples, and its id (hash of the checkpoint file)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"grader checkpoint {file} does not exist")
+    return _grader(file, file.stat().st_mtime)
+
+
 @compute_task(name="sample-candidates", retries=0)
 def sample_candidates(
-    lake_url: str, model_id: str, target: float, n_kept: int, samples_per_kept: int, seed: int
+    lake_url: str,
+    model_id: str,
+    target: float,
+    n_kept: int,
+    samples_per_kept: int,
+    seed: int,
+    grader: str | None = None,
 ) -> dict[str, Any]:
     """Sample ``n_kept * samples_per_kept`` crystals at ``target`` GPa and keep the best ``n_kept``.
 
-    Returns ``kept`` (structure rows with ``score``) and batch statistics (samples, validity of all
-    samples, property-head MAPE of the kept ones) for the flow's summary.
+    Returns ``kept`` (structure rows with ``score``) and the batch's ``generations`` row: counts,
+    validity and single-element share of all samples, the property head's MAPE on all samples and on
+    the kept ones, and, with a ``grader`` checkpoint (a frozen CGCNN, never the ranker), its MAPE on both
+    and every raw sample's K for the distribution plots.
     """
     logger = run_logger()
     _, generator = load_registered_generator(lake_url, model_id)
     batch = generator.sample([target], n_kept * samples_per_kept, derive_seed(seed, target))
     kept = keep_best(batch, n_kept)
-    stats = {
+    stats: dict[str, Any] = {
         "target": target,
+        "generator_model_id": model_id,
         "n_sampled": len(batch),
-        "validity": validity(batch.structures),
         "n_kept": len(kept),
-        "head_mape_kept": mape(kept.scores, target),
-        "head_mape_all": mape(batch.scores, target),
+        "validity": validity(batch.structures),
+        "single_element": float(np.mean([len(s.composition.elements) == 1 for s in batch.structures])),
+        "mape_head_raw": mape(batch.scores, target),
+        "mape_head_kept": mape(kept.scores, target),
+        "k_head_raw_json": json.dumps([round(float(k), 2) for k in batch.scores]),
     }
-    logger.info("target %.0f GPa: %s", target, stats)
+    if grader:
+        grader_id, ensemble = load_grader(grader)
+        graded = ensemble.predict_rows([to_row(s) for s in batch.structures]).k_vrh
+        stats |= {
+            "grader_id": grader_id,
+            "mape_grader_raw": mape(graded, target),
+            "mape_grader_kept": mape(ensemble.predict_rows([to_row(s) for s in kept.structures]).k_vrh, target),
+            "k_grader_raw_json": json.dumps([round(float(k), 2) for k in graded]),
+        }
+    logger.info("target %.0f GPa: %s", target, {k: v for k, v in stats.items() if not k.endswith("_json")})
     rows = [{**to_row(s), "score": float(sc)} for s, sc in zip(kept.structures, kept.scores, strict=True)]
     return {"kept": rows, "stats": stats}
 
 
 @task(name="write-candidates", retries=2, retry_delay_seconds=5)
 def write_candidates(
-    lake_url: str, iteration: int, model_id: str, target: float, kept: list[dict[str, Any]], run_id: str | None = None
+    lake_url: str,
+    iteration: int,
+    model_id: str,
+    target: float,
+    kept: list[dict[str, Any]],
+    run_id: str | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> int:
-    """Append the kept structures to ``structures`` (new ids only) and their candidate rows; returns candidates."""
+    """Append the batch's ``generations`` row, then the kept structures (new ids only) and their candidate rows.
+
+    The statistics go first: the flow treats a target with candidates as done, and a rerun after a crash
+    between the writes rewrites the same statistics row (same key, the newer wins), so nothing is lost.
+    """
+    lake = Lake(lake_url)
+    if stats:
+        lake.append("generations", [{**stats, "iteration": iteration}], run_id=run_id)
     if not kept:
         return 0
-    lake = Lake(lake_url)
     ids = [r["structure_id"] for r in kept]
     # a kept crystal that is already in the lake (e.g. a training structure) keeps its original row
     known = lake.query("SELECT structure_id FROM structures WHERE list_contains(?, structure_id)", [ids])

@@ -20,16 +20,25 @@ def _latest_id(lake: Lake, kind: str) -> str | None:
         return None
 
 
-def iteration_metrics(lake: Lake, iteration: int, wall_times: dict[str, float], samples_per_kept: int) -> list[dict]:
-    """One ``iterations`` row per target of the iteration."""
+_GENERATION_COLUMNS = ("mape_head_raw", "mape_head_kept", "mape_grader_raw", "mape_grader_kept")
+
+
+def iteration_metrics(
+    lake: Lake, iteration: int, wall_times: dict[str, float], samples_per_kept: int, label_source: str = "dft"
+) -> list[dict]:
+    """One ``iterations`` row per target of the iteration: the funnel, its MAPEs, and the generation statistics."""
     reference = [from_row(r) for r in labeled_k_vrh(lake, split="train").to_pylist()]
     kept = lake.query(
         "SELECT c.target, s.* FROM candidates c JOIN structures s USING (structure_id) WHERE c.iteration = ?",
         [iteration],
     ).to_pylist()
     predictor, generator = _latest_id(lake, "cgcnn"), _latest_id(lake, "generator")
+    generated = {
+        r["target"]: r for r in lake.query("SELECT * FROM generations WHERE iteration = ?", [iteration]).to_pylist()
+    }
     rows = []
     for counts in funnel(lake, iteration):
+        stats = generated.get(counts["target"], {})
         structures = [from_row(r) for r in kept if r["target"] == counts["target"]]
         quality = generation_metrics(structures, reference)
         rows.append(
@@ -40,6 +49,8 @@ def iteration_metrics(lake: Lake, iteration: int, wall_times: dict[str, float], 
                 "validity": quality.validity,
                 "uniqueness": quality.uniqueness,
                 "novelty": quality.novelty,
+                "label_source": label_source,
+                **{k: stats.get(k) for k in _GENERATION_COLUMNS},
                 "wall_times_json": json.dumps(wall_times),
                 "predictor_model_id": predictor,
                 "generator_model_id": generator,

@@ -20,7 +20,7 @@ from core.cgcnn import CGCNNConfig, Ensemble, evaluate, train_ensemble
 from core.graphs import GraphCache
 from core.settings import get_settings
 from storage.lake import Lake
-from storage.queries import labeled_k_vrh
+from storage.queries import DEFAULT_NEW_LABEL_WEIGHT, labeled_k_vrh
 from storage.registry import checkpoint_path, register_model, resolve_model, snapshot_hash
 from tasks.common import compute_task, run_logger
 
@@ -46,12 +46,34 @@ def labeled_snapshot(lake_url: str) -> Snapshot:
     return Snapshot(rows, snapshot_hash([r["structure_id"] for r in rows], [r["k_vrh"] for r in rows]))
 
 
+def split_rows(rows: list[dict[str, Any]], feedback: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Rows by the split they are used in: loop-labeled rows all train (with ``feedback``; none without)."""
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    for r in rows:
+        if r["from_loop"]:
+            if feedback:
+                out["train"].append(r)
+        else:
+            out[r["split"]].append(r)
+    return out
+
+
 @compute_task(name="train-predictor", retries=0)
-def train_predictor(lake_url: str, config: dict[str, Any], data_hash: str, code: str) -> dict[str, Any]:
-    """Train a CGCNN ensemble on the lake's labeled data; register it; return id, metrics and plot path.
+def train_predictor(
+    lake_url: str,
+    config: dict[str, Any],
+    data_hash: str,
+    code: str,
+    parent_model_id: str | None = None,
+    new_label_weight: float = DEFAULT_NEW_LABEL_WEIGHT,
+    feedback: bool = True,
+) -> dict[str, Any]:
+    """Train a CGCNN ensemble on the lake's labeled data (or fine-tune ``parent_model_id``); register it.
 
     ``data_hash`` must match the data the task reads (it is the cache key's data part), and
-    ``code`` is ``core.cgcnn.code_hash()``, the model code's part of the key.
+    ``code`` is ``core.cgcnn.code_hash()``, the model code's part of the key. Loop-labeled rows
+    train (never validate or test) and are drawn ``new_label_weight`` times as often as seed rows;
+    ``feedback=False`` leaves them out. Returns id, metrics and plot path.
     """
     logger = run_logger()
     lake = Lake(lake_url)
@@ -61,7 +83,7 @@ def train_predictor(lake_url: str, config: dict[str, Any], data_hash: str, code:
         raise RuntimeError(
             f"labeled data changed since the flow read it (hash {snapshot.data_hash}, expected {data_hash}); rerun"
         )
-    by_split = {s: [r for r in snapshot.rows if r["split"] == s] for s in SPLITS}
+    by_split = split_rows(snapshot.rows, feedback)
     for split in ("train", "val"):
         if len(by_split[split]) < 2:
             raise ValueError(f"need at least 2 labeled {split} structures, have {len(by_split[split])}")
@@ -70,7 +92,13 @@ def train_predictor(lake_url: str, config: dict[str, Any], data_hash: str, code:
     cache = GraphCache(cfg.graph, Path(get_settings().cache_dir).expanduser() / "graphs")
     data = {s: (cache.graphs(rows), np.log10([r["k_vrh"] for r in rows])) for s, rows in by_split.items()}
     cache.save()
-    ensemble = train_ensemble(data["train"], data["val"], cfg, log=logger.info)
+    weights = np.array([new_label_weight if r["from_loop"] else 1.0 for r in by_split["train"]])
+    parent = load_predictor(lake, parent_model_id)[1] if parent_model_id else None
+    if parent is not None:
+        logger.info(
+            "fine-tuning %s (%d loop labels weighted %g)", parent_model_id, int((weights != 1).sum()), new_label_weight
+        )
+    ensemble = train_ensemble(data["train"], data["val"], cfg, parent=parent, weights=weights, log=logger.info)
     metrics: dict[str, Any] = dict(ensemble.metrics)
     for split in ("val", "test"):
         if by_split[split]:
@@ -85,7 +113,13 @@ def train_predictor(lake_url: str, config: dict[str, Any], data_hash: str, code:
             checkpoint=ckpt,
             data_snapshot=snapshot.structure_ids,
             data_hash=data_hash,
-            config={**cfg.model_dump(mode="json"), "code": code},
+            config={
+                **cfg.model_dump(mode="json"),
+                "code": code,
+                "parent_model_id": parent_model_id,
+                "new_label_weight": new_label_weight,
+                "feedback": feedback,
+            },
             metrics=metrics,
         )
         plot_split = "test" if by_split["test"] else "val"

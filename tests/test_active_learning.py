@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from flows.active_learning import LoopParams, active_learning
@@ -74,3 +76,28 @@ def test_rerun_of_a_finished_iteration_recomputes_nothing(seeded):
 def test_bad_parameters_fail_clearly(seeded):
     with pytest.raises(ValueError, match="focus_target"):
         active_learning(tiny(seeded, focus_target=123.0))
+
+
+def test_fam_labeled_iterations_warm_start_and_train_on_their_labels(tmp_path_factory, prefect_server):
+    """Two iterations labeled by the FAM: iteration 1 fine-tunes iteration 0's models on iteration 0's labels."""
+    from core.fam import FamSettings
+
+    lake = Lake(tmp_path_factory.mktemp("fam-loop") / "lake")
+    ingest(lake, "seed")
+    loose = FamSettings(ltol=0.6, stol=1.0, angle_tol=20.0)  # so that a tiny generator's samples reach labeling
+    rows = active_learning(tiny(lake, iterations=2, label_source="fam", dft_limit=None, fam_settings=loose))
+    assert {(r["iteration"], r["label_source"]) for r in rows} == {(0, "fam"), (1, "fam")}
+    first = {r["iteration"]: r for r in rows if r["target"] == 350.0}
+    models = {r["model_id"]: r for r in lake.query("SELECT * FROM models").to_pylist()}
+    for column, kind in (("predictor_model_id", "cgcnn"), ("generator_model_id", "generator")):
+        child = models[first[1][column]]
+        assert child["kind"] == kind
+        assert json.loads(child["config_json"])["parent_model_id"] == first[0][column]
+    labeled = lake.query(
+        "SELECT p.structure_id FROM properties p WHERE list_contains(p.flags, 'loop_label') AND p.iteration = 0"
+    ).column("structure_id").to_pylist()
+    assert labeled, "no candidate of iteration 0 was labeled: nothing to learn from"
+    assert lake.query("SELECT count(*) n FROM jobs WHERE stage = 'dft'").column("n")[0].as_py() == 0
+    assert set(labeled) <= set(models[first[1]["generator_model_id"]]["data_snapshot"])
+    assert set(labeled) <= set(models[first[1]["predictor_model_id"]]["data_snapshot"])
+    assert all(r["mape_head_raw"] is not None and r["mape_fam_kept"] is not None for r in rows)

@@ -15,6 +15,7 @@ from pymatgen.core import Lattice, Structure
 from core import metrics
 from core.generator import CDVAEConfig, CDVAEGenerator, Generator, SampleBatch, keep_best, load_generator
 from core.generator.cdvae import (
+    composition_counts,
     composition_types,
     fourier_features,
     fully_connected_edges,
@@ -23,7 +24,7 @@ from core.generator.cdvae import (
     repel,
     wrapped_normal_score,
 )
-from core.structures import excluded_reason, structure_id
+from core.structures import excluded_reason, structure_id, symmetrize
 
 TINY = CDVAEConfig(
     name="tiny",
@@ -115,8 +116,29 @@ def test_lattice_code_round_trips_and_is_rotation_invariant():
 
 def test_composition_types_round_the_stoichiometry_by_largest_remainder():
     comp = torch.tensor([[0.25, 0.75, 0.0], [0.6, 0.4, 0.0], [0.1, 0.1, 0.8]])
-    types = composition_types(comp, torch.tensor([4, 3, 1]))
+    types = composition_types(comp, torch.tensor([4, 3, 1]), torch.tensor([2, 2, 1]))
     assert types.tolist() == [0, 1, 1, 1, 0, 0, 1, 2]
+
+
+def test_composition_counts_keep_exactly_the_asked_number_of_elements():
+    """The likeliest elements are kept and rounded; one that rounds to nothing takes an atom from the largest."""
+    comp = torch.tensor([[0.05, 0.9, 0.05], [0.05, 0.9, 0.05], [0.2, 0.7, 0.1], [0.2, 0.7, 0.1], [0.25, 0.75, 0.0]])
+    num = torch.tensor([4, 1, 6, 6, 4])
+    counts = composition_counts(comp, num, torch.tensor([2, 2, 3, 2, 2]))
+    assert counts.tolist() == [[1, 3, 0], [0, 1, 0], [1, 4, 1], [1, 5, 0], [1, 3, 0]]
+    assert torch.equal(counts.sum(-1), num)
+    ternary = composition_counts(torch.tensor([[0.02, 0.96, 0.02]]), torch.tensor([3]), torch.tensor([3]))
+    assert ternary.tolist() == [[1, 1, 1]]
+
+
+def test_symmetrize_snaps_a_distorted_b2_cell_and_leaves_p1_alone():
+    b2 = Structure(Lattice.cubic(3.0), ["Ni", "Al"], [[0, 0, 0], [0.51, 0.49, 0.5]])
+    snapped = symmetrize(b2, symprec=0.1)
+    assert len(snapped) == 2
+    assert snapped.get_space_group_info()[1] == 221  # Pm-3m
+    assert np.isclose(snapped.volume, b2.volume)
+    rattled = Structure(Lattice.cubic(3.0), ["Ni", "Al"], [[0, 0, 0], [0.52, 0.49, 0.505]])
+    assert symmetrize(rattled, symprec=0.01) is rattled  # P1 within 0.01 Å: unchanged
 
 
 def test_repel_separates_close_atoms_across_the_boundary_and_leaves_far_ones():
@@ -153,6 +175,24 @@ def test_sample_shapes_scores_and_vocabulary(trained):
         assert s.lattice.volume > 0
 
 
+def test_samples_are_alloys_by_default_and_min_elements_is_honoured(trained):
+    """Samples have two or more elements by default; asking for three gives three (binary training data)."""
+    assert TINY.min_elements == 2
+    batch = trained.sample([60.0, 300.0], 48, seed=4)
+    assert all(len(s.composition.elements) >= 2 for s in batch.structures)
+    ternary = trained.with_sampling(min_elements=3).sample([60.0, 300.0], 24, seed=4)
+    assert all(len(s.composition.elements) >= 3 for s in ternary.structures)
+
+
+def test_with_sampling_shares_the_weights_and_refuses_training_fields(trained):
+    guided = trained.with_sampling(prior_guidance=2.0)
+    assert guided.config.prior_guidance == 2.0 and trained.config.prior_guidance == TINY.prior_guidance
+    assert guided.vae.enc_embed.weight is trained.vae.enc_embed.weight and guided.prior is trained.prior
+    assert guided.vae.config.prior_guidance == 2.0 and trained.vae.config is TINY
+    with pytest.raises(ValueError, match="latent_dim cannot change after training"):
+        trained.with_sampling(latent_dim=4)
+
+
 def test_sampling_is_reproducible_with_a_seed(trained):
     a = trained.sample([200.0], 8, seed=11)
     b = trained.sample([200.0], 8, seed=11)
@@ -171,6 +211,13 @@ def test_conditioning_moves_the_property_head(trained):
         z = prior.sample(vae.k_to_standard(torch.full((64,), k)), gen, guidance=1.0, clip=TINY.prior_clip)
         heads[k] = float(vae.predict_k(z).median())
     assert heads[300.0] > 1.3 * heads[40.0]
+
+
+def test_samples_asked_for_a_higher_k_score_higher_when_re_encoded(trained):
+    """Conditioning carried through decoding: raw samples at 300 GPa read stiffer than at 40 GPa once re-encoded."""
+    batch = trained.sample([40.0, 300.0], 48, seed=6)
+    low, high = (float(np.median(batch.scores[batch.targets == k])) for k in (40.0, 300.0))
+    assert high > 1.3 * low
 
 
 def test_prior_latents_stay_in_the_training_distribution(trained, data):

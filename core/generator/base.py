@@ -51,9 +51,28 @@ class Generator(ABC):
 
     @abstractmethod
     def train(
-        self, structures: Sequence[Structure], k_vrh: Sequence[float], *, progress: bool = False
+        self,
+        structures: Sequence[Structure],
+        k_vrh: Sequence[float],
+        *,
+        weights: Sequence[float] | None = None,
+        progress: bool = False,
     ) -> dict[str, Any]:
-        """Fit on structures labelled with K_vrh (GPa); returns training metrics."""
+        """Fit from scratch on structures labelled with K_vrh (GPa), each drawn in proportion to its weight."""
+
+    def finetune(
+        self,
+        structures: Sequence[Structure],
+        k_vrh: Sequence[float],
+        *,
+        weights: Sequence[float] | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Continue training this model on (new, weighted) data: the active-learning loop's warm start.
+
+        Optional: a generator that cannot warm-start is retrained from scratch by the loop.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be fine-tuned: it does not implement finetune()")
 
     @abstractmethod
     def sample(self, targets: Sequence[float], n: int, seed: int) -> SampleBatch:

@@ -18,17 +18,41 @@ prior that maps a target K (plus noise) to z: a conditional diffusion model in l
 (``LatentPrior``), fitted to the encoder means of the training crystals and their K.
 
 Sampling: z from the prior at the target K (clamped clean-latent estimates, see
-``LatentPrior.sample``); number of atoms, lattice and composition from the decoders; types from
-the composition rounded to the number of atoms, coordinates uniform; then annealed Langevin
-dynamics down the noise levels (a reverse-diffusion predictor step plus Langevin corrector
-steps per level), types set to the denoiser's argmax at each step; last, a short repulsion
-separates any atoms left closer than about half a nearest-neighbour distance (``repel``). Each
-sample is scored by re-encoding it and reading the property head. All randomness flows from one
-seeded ``torch.Generator``, so a seed reproduces a batch on a given device.
+``LatentPrior.sample``); number of atoms, lattice, composition and number of elements from the
+decoders; types from the ``n_elements`` likeliest elements of the composition rounded to the
+number of atoms (``composition_counts``; at least ``min_elements``, 2 by default: alloys), fixed
+from then on; coordinates uniform, then annealed Langevin dynamics down the noise levels (a
+reverse-diffusion predictor step plus ``corrector_steps`` Langevin corrector steps per level);
+then a short repulsion separates any atoms left closer than about half a nearest-neighbour
+distance (``repel``); last, each crystal is snapped to the space group spglib finds within
+``symprec`` (``core.structures.symmetrize``). Each sample is scored by re-encoding it and reading
+the property head. All randomness flows from one seeded ``torch.Generator``, so a seed
+reproduces a batch on a given device. ``sample()`` returns exactly the n asked: nothing is drawn
+and thrown away, and no energy model is called.
+
+What the ablations showed (``small`` preset, both shared files' train split, 2,052 crystals with
+88 % binaries, 9 % ternaries, 2 % single elements and no P1 cell at symprec 0.1; SevenNet-0 relaxing
+24 samples at 350 GPa, stage II's matcher):
+
+- Composition. Rounding the whole decoded composition gave 19-22 % single elements and 30 % of
+  samples with four to ten elements: every element with a 0.1 share got an atom, and a dominant
+  one took all of them. Letting the denoiser re-type atoms at every step made it worse. A decoded
+  element count (``dec_nelem``, trained on z like the atom count) with the likeliest elements
+  rounded gives 89-97 % binaries, the rest ternaries, and no single element.
+- Staying near a minimum. 1 of 24 samples still matched after relaxation with the original
+  sampler (81 % of samples P1); 6 of 24 with the element-count head and symmetry snapping at
+  0.1 Å. The coordinate denoiser is what limits it: handed the true lattice and atom types of
+  training crystals it recovered 44 % of them after 60 VAE epochs, 46 % after 200, 55-59 % with
+  3 corrector steps per level (P1 outputs 61 % -> 40 % -> 24 %). Looser snapping (0.3-0.5 Å)
+  barely moved the P1 share (57 -> 51 %): the misplaced atoms are far from any symmetric site.
+- Conditioning and the ranker. See ``benchmarks/generator.py`` (README table): classifier-free
+  guidance moves the sparse high-K end toward the target at a cost in uniqueness; the property head
+  read on re-encoded samples tracks the frozen CGCNN grader (Spearman 0.8-0.9 per target).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -46,8 +70,9 @@ from tqdm.auto import tqdm
 
 from core.generator.base import Generator, SampleBatch
 from core.generator.configs import CDVAEConfig
+from core.structures import symmetrize
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 _LAT_DIM = 6
 
 
@@ -185,18 +210,49 @@ def repel(
     return frac
 
 
-def composition_types(comp: Tensor, num_atoms: Tensor) -> Tensor:
-    """Atom types of each crystal in a flat batch: ``num_atoms`` times ``comp`` rounded by largest remainder.
-
-    Drawing each atom's type independently from the composition would give a 4-atom AB3 crystal
-    its 1:3 counts only 42 % of the time; rounding the expected counts keeps the decoded
-    stoichiometry. Atoms come grouped by crystal (coordinates start uniform, so order is irrelevant).
-    """
-    expected = comp * num_atoms.unsqueeze(-1)
+def _largest_remainder(expected: Tensor, total: Tensor) -> Tensor:
+    """Integer counts per row that sum to ``total`` and round ``expected`` by largest remainder."""
     counts = expected.floor().long()
-    missing = num_atoms - counts.sum(-1)
+    missing = total - counts.sum(-1)
     rank = torch.argsort(torch.argsort(expected - counts, dim=-1, descending=True, stable=True), dim=-1)
-    counts = counts + (rank < missing.unsqueeze(-1)).long()
+    return counts + (rank < missing.unsqueeze(-1)).long()
+
+
+def composition_counts(comp: Tensor, num_atoms: Tensor, n_elements: Tensor) -> Tensor:
+    """Atoms of each element per crystal: exactly ``min(n_elements, num_atoms)`` elements, ``num_atoms`` atoms.
+
+    The ``n_elements`` likeliest elements of ``comp`` are kept and their renormalized fractions
+    rounded to ``num_atoms`` by largest remainder (drawing each atom's type independently would give a
+    4-atom AB3 crystal its 1:3 counts only 42 % of the time). A kept element that rounds to no atom
+    takes one from the most numerous. Rounding the whole composition instead let every element
+    with a 0.1 share in: five-element samples from binary training data, and pure metals where one
+    element dominated.
+    """
+    k = torch.minimum(n_elements, num_atoms).clamp_min(1)
+    rank = torch.argsort(torch.argsort(comp, dim=-1, descending=True, stable=True), dim=-1)
+    chosen = rank < k.unsqueeze(-1)
+    share = torch.where(chosen, comp.clamp_min(1e-12), torch.zeros_like(comp))
+    share = share / share.sum(-1, keepdim=True)
+    counts = _largest_remainder(share * num_atoms.unsqueeze(-1), num_atoms)
+    rows = torch.arange(len(counts), device=counts.device)
+    for _ in range(int(k.max())):
+        empty = chosen & (counts == 0)
+        fix = empty.any(-1)
+        if not bool(fix.any()):
+            break
+        first_empty = torch.argmax(empty.long(), dim=-1)
+        largest = torch.argmax(counts, dim=-1)
+        counts[rows[fix], first_empty[fix]] += 1
+        counts[rows[fix], largest[fix]] -= 1
+    return counts
+
+
+def composition_types(comp: Tensor, num_atoms: Tensor, n_elements: Tensor) -> Tensor:
+    """Atom types of each crystal in a flat batch, grouped by crystal, from ``composition_counts``.
+
+    Coordinates start uniform, so the order of atoms within a crystal is irrelevant.
+    """
+    counts = composition_counts(comp, num_atoms, n_elements)
     vocab = torch.arange(comp.size(-1), device=comp.device).expand_as(counts)
     return torch.repeat_interleave(vocab.flatten(), counts.flatten())
 
@@ -251,6 +307,7 @@ class CDVAE(nn.Module):
         self.dec_natom = _mlp(c.latent_dim, h, c.max_atoms)
         self.dec_lattice = _mlp(c.latent_dim, h, _LAT_DIM)
         self.dec_comp = _mlp(c.latent_dim, h, n_types)
+        self.dec_nelem = _mlp(c.latent_dim, h, c.max_atoms)  # class i: i + 1 elements
         self.prop_head = _mlp(c.latent_dim, h, 1)
         self.den_embed = nn.Embedding(n_types, h)
         self.den_cond = nn.Linear(c.latent_dim + 1, h)
@@ -271,6 +328,12 @@ class CDVAE(nn.Module):
         gen = torch.Generator().manual_seed(0)
         eps = torch.randn(n, generator=gen)
         return torch.stack([(s * wrapped_normal_score(s * eps, s.expand(n))).pow(2).mean() for s in sigmas])
+
+    def with_config(self, config: CDVAEConfig) -> CDVAE:
+        """A shallow copy of this network (same parameters and buffers) that samples with ``config``."""
+        other = copy.copy(self)
+        other.config = config
+        return other
 
     # ---- statistics ----
     def standardize_lattice(self, lattice: Tensor) -> Tensor:
@@ -337,6 +400,7 @@ class CDVAE(nn.Module):
             "natom": F.cross_entropy(self.dec_natom(z), x.num_atoms - 1),
             "lattice": F.mse_loss(self.dec_lattice(z), lat_std),
             "composition": -(comp * F.log_softmax(self.dec_comp(z), -1)).sum(-1).mean(),
+            "nelements": F.cross_entropy(self.dec_nelem(z), (comp > 0).sum(-1) - 1),
             "property": F.mse_loss(self.prop_head(z).squeeze(-1), self.k_to_standard(k)),
             "kl": (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(-1)).mean(),
         }
@@ -368,11 +432,15 @@ class CDVAE(nn.Module):
         """
         c = self.config
         device = z.device
-        num_atoms = self.dec_natom(z).argmax(-1) + 1
+        natom_logits = self.dec_natom(z)
+        natom_logits[:, : min(c.min_elements, c.max_atoms) - 1] = -torch.inf  # too few atoms for an alloy
+        num_atoms = natom_logits.argmax(-1) + 1
         lat_std = self.dec_lattice(z)
         comp = torch.softmax(self.dec_comp(z), -1)
         batch = torch.repeat_interleave(torch.arange(len(z), device=device), num_atoms)
-        types = composition_types(comp, num_atoms)
+        n_elements = (self.dec_nelem(z).argmax(-1) + 1).clamp_min(c.min_elements)
+        types = composition_types(comp, num_atoms, n_elements)
+        follow_denoiser = c.type_update == "denoiser"
         frac = torch.rand(len(batch), 3, generator=gen, device=device)
         edges = fully_connected_edges(num_atoms)
         n_levels = len(self.sigmas)
@@ -382,12 +450,12 @@ class CDVAE(nn.Module):
             level = torch.full((len(z),), i, device=device, dtype=torch.long)
             for _ in range(c.corrector_steps):  # Langevin corrector at this level
                 pred, logits = self.denoise(z, types, frac, lat_std, batch, edges, level)
-                types = logits.argmax(-1)
+                types = logits.argmax(-1) if follow_denoiser else types
                 step = c.corrector_step * sigma**2
                 noise = torch.randn(frac.shape, generator=gen, device=device)
                 frac = torch.remainder(frac + step * scale * pred / sigma + torch.sqrt(2 * step) * noise, 1.0)
             pred, logits = self.denoise(z, types, frac, lat_std, batch, edges, level)  # reverse-diffusion predictor
-            types = logits.argmax(-1)
+            types = logits.argmax(-1) if follow_denoiser else types
             var = sigma**2 - sigma_next**2
             noise = torch.randn(frac.shape, generator=gen, device=device)
             frac = torch.remainder(
@@ -529,45 +597,42 @@ class CDVAEGenerator(Generator):
         return np.concatenate(parts)
 
     # ---- training ----
-    def train(
-        self, structures: Sequence[Structure], k_vrh: Sequence[float], *, progress: bool = False
-    ) -> dict[str, Any]:
-        """Both training steps: the VAE with its property head, then the latent prior.
-
-        Structures with more than ``max_atoms`` sites or a non-positive K are skipped (counted in
-        the metrics). Returns per-term losses of the last epoch, the property head's MAPE on the
-        training set and the counts.
-        """
-        c = self.config
+    def _usable(self, structures: Sequence[Structure], k_vrh: Sequence[float]) -> list[int]:
         if len(structures) != len(k_vrh):
             raise ValueError("structures and k_vrh must have the same length")
-        keep = [i for i, s in enumerate(structures) if len(s) <= c.max_atoms and k_vrh[i] > 0]
-        if len(keep) < 2:
-            raise ValueError(f"need at least 2 structures with <= {c.max_atoms} sites and K > 0, got {len(keep)}")
-        torch.manual_seed(c.seed)
-        symbols = {site.specie.symbol for i in keep for site in structures[i]}
-        self._build(sorted(symbols, key=lambda s: Element(s).Z))
-        vae, prior = self._ready()
-        index = {s: i for i, s in enumerate(self.vocab)}
-        crystals = [_crystal(structures[i], index) for i in keep]
-        k = torch.tensor([float(k_vrh[i]) for i in keep], device=self.device)
-        lat = torch.from_numpy(np.stack([x.lattice for x in crystals])).float().to(self.device)
-        vae.lat_mean.copy_(lat.mean(0))
-        vae.lat_std.copy_(lat.std(0).clamp_min(1e-3))
-        vae.logk_mean.copy_(torch.log(k).mean())
-        vae.logk_std.copy_(torch.log(k).std().clamp_min(1e-3))
+        return [i for i, s in enumerate(structures) if len(s) <= self.config.max_atoms and k_vrh[i] > 0]
 
-        weights = c.loss.model_dump()
-        opt = torch.optim.AdamW(vae.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.vae_epochs, eta_min=c.lr * 0.05)
+    @staticmethod
+    def _epoch_batches(weights: Tensor, batch_size: int) -> list[Tensor]:
+        """One epoch of index batches: a permutation, or with weights a weighted draw of as many indices.
+
+        Weighting by drawing (with replacement) rather than by scaling the loss keeps every batch's
+        loss on one scale, so a structure weighted 20 is seen 20 times as often, not stepped 20 times harder.
+        """
+        n = len(weights)
+        if bool((weights == weights[0]).all()):
+            order = torch.randperm(n)
+        else:
+            order = torch.multinomial(weights.cpu(), n, replacement=True)
+        return list(order.split(batch_size))
+
+    def _fit_vae(
+        self, crystals: list[_Crystal], k: Tensor, weights: Tensor, epochs: int, lr: float, progress: bool
+    ) -> dict[str, float]:
+        """Step 1: the VAE and its property head, ``epochs`` of cosine-annealed AdamW from the current weights."""
+        vae, _ = self._ready()
+        c = self.config
+        loss_weights = c.loss.model_dump()
+        opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=c.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=lr * 0.05)
         last: dict[str, float] = {}
         vae.train()
-        for _ in tqdm(range(c.vae_epochs), desc="VAE", disable=not progress):
-            sums = dict.fromkeys([*weights, "total"], 0.0)
-            for idx in torch.randperm(len(crystals)).split(c.batch_size):
+        for _ in tqdm(range(epochs), desc="VAE", disable=not progress):
+            sums = dict.fromkeys([*loss_weights, "total"], 0.0)
+            for idx in self._epoch_batches(weights, c.batch_size):
                 x = _collate([crystals[i] for i in idx]).to(self.device)
                 terms = vae.losses(x, k[idx.to(self.device)])
-                total = sum(weights[name] * value for name, value in terms.items())
+                total = sum(loss_weights[name] * value for name, value in terms.items())
                 opt.zero_grad()
                 total.backward()
                 nn.utils.clip_grad_norm_(vae.parameters(), c.grad_clip)
@@ -577,43 +642,138 @@ class CDVAEGenerator(Generator):
                 sums["total"] += float(total.detach()) * len(idx)
             sched.step()
             last = {name: value / len(crystals) for name, value in sums.items()}
-
         vae.eval()
-        with torch.no_grad():
-            mus = torch.cat(
-                [
-                    vae.encode(_collate([crystals[i] for i in idx]).to(self.device))[0]
-                    for idx in torch.arange(len(crystals)).split(512)
-                ]
-            )
-        y = vae.k_to_standard(k)
-        prior.z_mean.copy_(mus.mean(0))
-        prior.z_std.copy_(mus.std(0).clamp_min(1e-4))
-        opt = torch.optim.AdamW(prior.parameters(), lr=c.prior_lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.prior_epochs, eta_min=c.prior_lr * 0.05)
+        return last
+
+    @torch.no_grad()
+    def _encoded_means(self, crystals: list[_Crystal]) -> Tensor:
+        vae, _ = self._ready()
+        vae.eval()
+        parts = [
+            vae.encode(_collate([crystals[i] for i in idx]).to(self.device))[0]
+            for idx in torch.arange(len(crystals)).split(512)
+        ]
+        return torch.cat(parts)
+
+    def _fit_prior(self, mus: Tensor, y: Tensor, weights: Tensor, epochs: int, lr: float, progress: bool) -> float:
+        """Step 2: the K-conditioned latent prior on the encoder means ``mus``, from its current weights."""
+        _, prior = self._ready()
+        c = self.config
+        opt = torch.optim.AdamW(prior.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=lr * 0.05)
         prior.train()
         prior_loss = 0.0
-        for _ in tqdm(range(c.prior_epochs), desc="prior", disable=not progress):
+        for _ in tqdm(range(epochs), desc="prior", disable=not progress):
             total = 0.0
-            for idx in torch.randperm(len(crystals), device=self.device).split(c.batch_size):
+            for idx in self._epoch_batches(weights, c.batch_size):
+                idx = idx.to(self.device)
                 loss = prior.loss(mus[idx], y[idx], c.prior_cond_dropout)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
             sched.step()
-            prior_loss = total / len(crystals)
+            prior_loss = total / len(mus)
         prior.eval()
+        return prior_loss
 
+    def _fit(
+        self,
+        structures: Sequence[Structure],
+        k_vrh: Sequence[float],
+        weights: Sequence[float] | None,
+        epochs: tuple[int, int],
+        lr: tuple[float, float],
+        progress: bool,
+        fresh: bool,
+    ) -> dict[str, Any]:
+        """Both training steps on the usable structures; ``fresh`` builds the model and its statistics first."""
+        keep = self._usable(structures, k_vrh)
+        if len(keep) < 2:
+            raise ValueError(
+                f"need at least 2 structures with <= {self.config.max_atoms} sites and K > 0, got {len(keep)}"
+            )
+        torch.manual_seed(self.config.seed)
+        if fresh:
+            symbols = {site.specie.symbol for i in keep for site in structures[i]}
+            self._build(sorted(symbols, key=lambda s: Element(s).Z))
+        vae, prior = self._ready()
+        index = {s: i for i, s in enumerate(self.vocab)}
+        keep = [i for i in keep if all(site.specie.symbol in index for site in structures[i])]
+        crystals = [_crystal(structures[i], index) for i in keep]
+        k = torch.tensor([float(k_vrh[i]) for i in keep], device=self.device)
+        w = torch.tensor([1.0 if weights is None else float(weights[i]) for i in keep])
+        if bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError("weights must be non-negative and not all zero")
+        if fresh:
+            lat = torch.from_numpy(np.stack([x.lattice for x in crystals])).float().to(self.device)
+            vae.lat_mean.copy_(lat.mean(0))
+            vae.lat_std.copy_(lat.std(0).clamp_min(1e-3))
+            vae.logk_mean.copy_(torch.log(k).mean())
+            vae.logk_std.copy_(torch.log(k).std().clamp_min(1e-3))
+        last = self._fit_vae(crystals, k, w, epochs[0], lr[0], progress)
+        mus = self._encoded_means(crystals)
+        if fresh:
+            prior.z_mean.copy_(mus.mean(0))
+            prior.z_std.copy_(mus.std(0).clamp_min(1e-4))
+        prior_loss = self._fit_prior(mus, vae.k_to_standard(k), w, epochs[1], lr[1], progress)
         with torch.no_grad():
             k_head = vae.predict_k(mus)
-        self.metrics = {
+        return {
             "n_train": len(keep),
             "n_skipped": len(structures) - len(keep),
+            "n_weighted": int((w != 1.0).sum()),
             "vae_loss": last,
             "prior_loss": prior_loss,
             "train_property_mape": float(((k_head - k).abs() / k).mean()),
         }
+
+    def train(
+        self,
+        structures: Sequence[Structure],
+        k_vrh: Sequence[float],
+        *,
+        weights: Sequence[float] | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Both training steps from scratch: the VAE with its property head, then the latent prior.
+
+        Structures with more than ``max_atoms`` sites or a non-positive K are skipped (counted in
+        the metrics). ``weights`` (default all 1) set how often each structure is drawn. Returns
+        per-term losses of the last epoch, the property head's MAPE on the training set and the counts.
+        """
+        c = self.config
+        self.metrics = self._fit(
+            structures, k_vrh, weights, (c.vae_epochs, c.prior_epochs), (c.lr, c.prior_lr), progress, fresh=True
+        )
+        return self.metrics
+
+    def finetune(
+        self,
+        structures: Sequence[Structure],
+        k_vrh: Sequence[float],
+        *,
+        weights: Sequence[float] | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Continue training this model (warm start): ``finetune_epochs`` of both steps at ``finetune_lr_scale``.
+
+        The vocabulary and the data statistics stay the parent's, so the latent space keeps its meaning
+        and a few weighted new structures move the model without a retraining from scratch; a structure
+        with an element outside the vocabulary is skipped (counted in ``n_skipped``).
+        """
+        c = self.config
+        scale = c.finetune_lr_scale
+        metrics = self._fit(
+            structures,
+            k_vrh,
+            weights,
+            (c.finetune_epochs, c.finetune_prior_epochs),
+            (c.lr * scale, c.prior_lr * scale),
+            progress,
+            fresh=False,
+        )
+        self.metrics = {**metrics, "finetuned": True}
         return self.metrics
 
     # ---- sampling ----
@@ -630,13 +790,34 @@ class CDVAEGenerator(Generator):
         gen = torch.Generator(device=self.device).manual_seed(seed)
         k_all = torch.tensor([float(t) for t in targets for _ in range(n)], device=self.device)
         structures: list[Structure] = []
-        scores: list[Tensor] = []
-        for k in k_all.split(self.config.sample_batch):
-            z = prior.sample(vae.k_to_standard(k), gen, self.config.prior_guidance, self.config.prior_clip)
-            x = vae.decode(z, gen)
-            structures += self.to_structures(x)
-            scores.append(self._score_tensors(x))
-        return SampleBatch(structures, k_all.cpu().numpy().astype(float), torch.cat(scores).cpu().numpy().astype(float))
+        c = self.config
+        for k in k_all.split(c.sample_batch):
+            z = prior.sample(vae.k_to_standard(k), gen, c.prior_guidance, c.prior_clip)
+            structures += self.to_structures(vae.decode(z, gen))
+        if c.symprec > 0:
+            structures = [symmetrize(s, c.symprec) for s in structures]
+        scores = np.concatenate(
+            [self.score(structures[i : i + c.sample_batch]) for i in range(0, len(structures), c.sample_batch)]
+        )
+        return SampleBatch(structures, k_all.cpu().numpy().astype(float), scores)
+
+    def with_sampling(self, **options: Any) -> CDVAEGenerator:
+        """The same trained model sampling with other ``CDVAEConfig.SAMPLING`` options (guidance, symprec, ...).
+
+        Weights are shared, not copied. Raises ValueError for a field that would need retraining.
+        """
+        wrong = sorted(set(options) - CDVAEConfig.SAMPLING)
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)} cannot change after training; sampling options: "
+                f"{', '.join(sorted(CDVAEConfig.SAMPLING))}"
+            )
+        vae, prior = self._ready()
+        config = CDVAEConfig.model_validate({**self.config.model_dump(), **options})
+        other = CDVAEGenerator(config, device=str(self.device))
+        other.vocab, other.prior, other.metrics = self.vocab, prior, self.metrics
+        other.vae = vae.with_config(config)
+        return other
 
     def score(self, structures: Sequence[Structure]) -> np.ndarray:
         """The property head's K_vrh (GPa) of the encoder mean of each structure."""

@@ -7,6 +7,8 @@ data: its settings hash goes into the model id, so a changed number means a new 
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -20,6 +22,7 @@ class LossWeights(BaseModel):
     type: float = 1.0
     lattice: float = 10.0
     composition: float = 1.0
+    nelements: float = 1.0
     property: float = 3.0
     kl: float = 0.01
 
@@ -51,6 +54,9 @@ class CDVAEConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
+    finetune_epochs: int = Field(40, ge=1, description="VAE epochs of a warm-started (fine-tuning) iteration")
+    finetune_prior_epochs: int = Field(100, ge=1, description="prior epochs of a warm-started iteration")
+    finetune_lr_scale: float = Field(0.5, gt=0, description="learning rates of a warm start, relative to lr/prior_lr")
     # ---- latent prior (conditional diffusion over z) ----
     prior_hidden: int = Field(128, ge=8)
     prior_layers: int = Field(3, ge=1)
@@ -59,17 +65,46 @@ class CDVAEConfig(BaseModel):
     prior_guidance: float = Field(1.0, ge=0, description="classifier-free guidance weight at sampling; 1 = plain")
     prior_clip: float = Field(5.0, gt=0, description="clamp of the standardized clean-latent estimate while sampling")
     # ---- sampling ----
-    corrector_steps: int = Field(1, ge=0, description="Langevin corrector steps per noise level")
-    corrector_step: float = Field(0.1, gt=0, description="Langevin step as a fraction of sigma^2")
+    corrector_steps: int = Field(3, ge=0, description="Langevin corrector steps per noise level")
+    corrector_step: float = Field(0.5, gt=0, description="Langevin step as a fraction of sigma^2")
     repulsion_radius: float = Field(
         0.6, ge=0, description="after denoising, push apart atoms closer than this times (volume per atom)^(1/3)"
     )
     repulsion_steps: int = Field(50, ge=0, description="projection steps of the final repulsion; 0 turns it off")
     sample_batch: int = Field(512, ge=1, description="crystals decoded at once")
+    min_elements: int = Field(
+        2, ge=1, description="every sample has at least this many elements (2: alloys only; 1 allows single elements)"
+    )
+    type_update: Literal["fixed", "denoiser"] = Field(
+        "fixed",
+        description="atom types stay as the composition decoder set them ('fixed'), or follow the denoiser's argmax",
+    )
+    symprec: float = Field(
+        0.1, ge=0, description="Å: snap each decoded crystal to the space group spglib finds at this tolerance; 0 = off"
+    )
+
+    SAMPLING: ClassVar[frozenset[str]] = frozenset(
+        {
+            "prior_guidance",
+            "prior_clip",
+            "corrector_steps",
+            "corrector_step",
+            "repulsion_radius",
+            "repulsion_steps",
+            "sample_batch",
+            "min_elements",
+            "type_update",
+            "symprec",
+        }
+    )
+    """Fields that only change how a trained model samples: a trained model may be resampled with others."""
 
 
 PRESETS: dict[str, CDVAEConfig] = {
-    "small": CDVAEConfig(name="small", lr=2e-3),  # a short run on 2 cores: the larger step trains faster
+    # a few minutes on 2 cores: the larger step trains faster; 200 VAE epochs, not 60, because the coordinate
+    # denoiser is what puts samples near a minimum (true-lattice decoding matched 44 % of training crystals
+    # after 60 epochs, 46 % after 200, 59 % with 3 corrector steps; P1 outputs 61 % -> 40 % -> 24 %)
+    "small": CDVAEConfig(name="small", lr=2e-3, vae_epochs=200),
     "paper": CDVAEConfig(
         name="paper",
         hidden=256,
@@ -83,7 +118,6 @@ PRESETS: dict[str, CDVAEConfig] = {
         prior_hidden=512,
         prior_layers=4,
         prior_steps=200,
-        corrector_steps=2,
         sample_batch=2048,
     ),
 }
