@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -130,11 +131,20 @@ def run_arm(args: argparse.Namespace, grader: Path, feedback: bool, seed: int) -
     return [{**r, "arm": arm, "seed": seed} for r in rows]
 
 
+def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows as ``--json`` writes them: arm, seed, iteration, target and the figures under their short names."""
+    return [
+        {"arm": r["arm"], "seed": r["seed"], "iteration": r["iteration"], "target": r["target"]}
+        | {new: r[old] for old, new in JSON_KEYS.items()}
+        for r in rows
+    ]
+
+
 def summarize(rows: list[dict[str, Any]]) -> None:
-    """At the focus target: mean ± std over seeds of each figure, per arm and iteration, side by side."""
+    """At the focus target: mean ± std over seeds of each figure (``json_rows``), per arm and iteration."""
     print(f"\nat {FOCUS:g} GPa, mean ± std over seeds")
-    keys = [k for k in JSON_KEYS]
-    print(f"{'arm':>9} {'it':>3} " + " ".join(f"{JSON_KEYS[k]:>16}" for k in keys))
+    keys = list(JSON_KEYS.values())
+    print(f"{'arm':>9} {'it':>3} " + " ".join(f"{k:>16}" for k in keys))
     for arm in ("feedback", "control"):
         for it in sorted({r["iteration"] for r in rows}):
             sel = [r for r in rows if r["arm"] == arm and r["iteration"] == it and r["target"] == FOCUS]
@@ -160,6 +170,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="independent loops per arm")
     parser.add_argument("--no-feedback", action="store_true", help="run the control arm only")
     parser.add_argument("--compare", action="store_true", help="run the feedback and the control arm")
+    parser.add_argument("--parallel", action="store_true", help="with --compare: the two arms in two processes")
     parser.add_argument("--kept", type=int, default=10, help="candidates kept per target and iteration")
     parser.add_argument("--ratio", type=int, default=50, help="samples per kept candidate (the reference: 500)")
     parser.add_argument("--weight", type=float, default=None, help="new-label weight (default: the loop's)")
@@ -179,20 +190,35 @@ def main() -> None:
     grader = args.out / "cgcnn-grader.pt"
     arms = [True, False] if args.compare else [not args.no_feedback]
     started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    for feedback in arms:
-        for seed in range(args.seeds):
-            rows += run_arm(args, grader, feedback, seed)
+    if args.compare and args.parallel:
+        rows = run_arms_in_parallel(args)
+    else:
+        rows = json_rows(
+            [r for feedback in arms for seed in range(args.seeds) for r in run_arm(args, grader, feedback, seed)]
+        )
     summarize(rows)
     print(f"\ntotal {time.perf_counter() - started:.0f} s for {len(arms)} arm(s) x {args.seeds} seed(s)")
     if args.json:
-        out = [
-            {"arm": r["arm"], "seed": r["seed"], "iteration": r["iteration"], "target": r["target"]}
-            | {new: r[old] for old, new in JSON_KEYS.items()}
-            for r in rows
-        ]
-        args.json.write_text(json.dumps(out, indent=1, default=float))
+        args.json.write_text(json.dumps(rows, indent=1, default=float))
         print(f"wrote {args.json}")
+
+
+def run_arms_in_parallel(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--compare --parallel``: each arm in its own process (one core each), their rows merged."""
+    children = []
+    for flag in ([], ["--no-feedback"]):
+        out = args.out / f"rows-{'control' if flag else 'feedback'}.json"
+        argv = [a for a in sys.argv[1:] if a not in ("--compare", "--parallel")]
+        if "--json" in argv:
+            i = argv.index("--json")
+            del argv[i : i + 2]
+        env = {**os.environ, "PREFECT_HOME": str(args.out / f"prefect-{out.stem}")}  # one server database each
+        cmd = [sys.executable, __file__, *argv, *flag, "--json", str(out)]
+        children.append((subprocess.Popen(cmd, env=env), out))
+    for child, _ in children:
+        if child.wait() != 0:
+            raise RuntimeError(f"an arm failed (exit {child.returncode})")
+    return [r for _, out in children for r in json.loads(out.read_text())]
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ class LoopParams(BaseModel):
     """How many times as often a loop-labeled structure is drawn in training as a seed row."""
     feedback: bool = True
     """Train on the loop's labels; False runs the same schedule on the seed data only (a control arm)."""
+    ranker: str = "head"
+    """What keeps the best samples: "head" (the generator's property head) or a CGCNN checkpoint path."""
     grader: str | None = None
     """Path of a frozen CGCNN checkpoint that grades every raw sample (MAPE in ``generations``/``iterations``)."""
     dft_preset: str = "test"
@@ -135,6 +137,7 @@ def _stage_params(params: LoopParams, lake: Lake, iteration: int) -> dict[str, B
             n_kept=params.n_kept,
             seed=params.seed + iteration,
             grader=params.grader,
+            ranker=params.ranker,
         ),
         "screen": ScreenParams(
             lake_url=lake_url,

@@ -42,6 +42,8 @@ class GenerateParams(BaseModel):
     """Generator model id; None = the latest registered generator."""
     seed: int = 0
     """Sampling seed (each target derives its own from it)."""
+    ranker: str = "head"
+    """What ranks samples for keep-best: "head" (the generator's property head) or a CGCNN checkpoint path."""
     grader: str | None = None
     """Path of a frozen CGCNN checkpoint that grades every raw sample (recorded in ``generations``)."""
 
@@ -65,7 +67,14 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
             summary.append({"target": target, "n_sampled": 0, "n_kept": 0, "note": "already generated"})
             continue
         result = sample_candidates(
-            lake_url, model_id, float(target), params.n_kept, params.samples_per_kept, params.seed, params.grader
+            lake_url,
+            model_id,
+            float(target),
+            params.n_kept,
+            params.samples_per_kept,
+            params.seed,
+            params.grader,
+            params.ranker,
         )
         stats = result["stats"]
         written = write_candidates(lake_url, params.iteration, model_id, float(target), result["kept"], run_id, stats)

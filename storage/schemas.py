@@ -155,6 +155,7 @@ GENERATIONS = pa.schema(
         pa.field("n_kept", pa.int64()),
         pa.field("validity", pa.float64()),
         pa.field("single_element", pa.float64()),  # fraction of raw samples with one element
+        pa.field("ranker", pa.string()),  # what kept the best: "head" or a CGCNN checkpoint path
         pa.field("mape_head_raw", pa.float64()),
         pa.field("mape_head_kept", pa.float64()),
         pa.field("grader_id", pa.string()),  # frozen CGCNN that grades raw samples (checkpoint hash), if any

@@ -18,7 +18,7 @@ import numpy as np
 from prefect import task
 
 from core.cgcnn import Ensemble
-from core.generator import Generator, keep_best, load_generator
+from core.generator import Generator, SampleBatch, keep_best, load_generator
 from core.metrics import mape, validity
 from core.structures import split_of, to_row
 from storage.candidates import advance
@@ -55,7 +55,7 @@ def _grader(path: Path, mtime: float) -> tuple[str, Ensemble]:
 
 
 def load_grader(path: str) -> tuple[str, Ensemble]:
-    """The frozen CGCNN ensemble at ``path`` that grades raw samples, and its id (hash of the checkpoint file)."""
+    """The CGCNN ensemble at ``path`` (a frozen grader, or a ranker) and its id (hash of the checkpoint file)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"grader checkpoint {file} does not exist")
@@ -71,10 +71,15 @@ def sample_candidates(
     samples_per_kept: int,
     seed: int,
     grader: str | None = None,
+    ranker: str = "head",
 ) -> dict[str, Any]:
-    """Sample ``n_kept * samples_per_kept`` crystals at ``target`` GPa and keep the best ``n_kept``.
+    """Sample ``n_kept * samples_per_kept`` crystals at ``target`` GPa and keep the best ``n_kept`` by ``ranker``.
 
-    Returns ``kept`` (structure rows with ``score``) and the batch's ``generations`` row: counts,
+    ``ranker`` is "head" (the generator's property head on each re-encoded sample: it tracks independent
+    graders, Spearman 0.8-0.9 in benchmarks/generator.py) or the path of a CGCNN checkpoint (another
+    model; not the stage-I predictor, which would make stage I a no-op).
+
+    Returns ``kept`` (structure rows with the head's ``score``) and the batch's ``generations`` row: counts,
     validity and single-element share of all samples, the property head's MAPE on all samples and on
     the kept ones, and, with a ``grader`` checkpoint (a frozen CGCNN, never the ranker), its MAPE on both
     and every raw sample's K for the distribution plots.
@@ -82,7 +87,12 @@ def sample_candidates(
     logger = run_logger()
     _, generator = load_registered_generator(lake_url, model_id)
     batch = generator.sample([target], n_kept * samples_per_kept, derive_seed(seed, target))
-    kept = keep_best(batch, n_kept)
+    head_scores = batch.scores
+    if ranker != "head":
+        _, ranking = load_grader(ranker)
+        k = ranking.predict_rows([to_row(s) for s in batch.structures]).k_vrh
+        batch = SampleBatch(batch.structures, batch.targets, np.asarray(k, dtype=float))
+    kept, kept_index = keep_best(batch, n_kept, with_index=True)
     stats: dict[str, Any] = {
         "target": target,
         "generator_model_id": model_id,
@@ -90,9 +100,10 @@ def sample_candidates(
         "n_kept": len(kept),
         "validity": validity(batch.structures),
         "single_element": float(np.mean([len(s.composition.elements) == 1 for s in batch.structures])),
-        "mape_head_raw": mape(batch.scores, target),
-        "mape_head_kept": mape(kept.scores, target),
-        "k_head_raw_json": json.dumps([round(float(k), 2) for k in batch.scores]),
+        "ranker": ranker,
+        "mape_head_raw": mape(head_scores, target),
+        "mape_head_kept": mape(head_scores[kept_index], target),
+        "k_head_raw_json": json.dumps([round(float(k), 2) for k in head_scores]),
     }
     if grader:
         grader_id, ensemble = load_grader(grader)
@@ -104,7 +115,9 @@ def sample_candidates(
             "k_grader_raw_json": json.dumps([round(float(k), 2) for k in graded]),
         }
     logger.info("target %.0f GPa: %s", target, {k: v for k, v in stats.items() if not k.endswith("_json")})
-    rows = [{**to_row(s), "score": float(sc)} for s, sc in zip(kept.structures, kept.scores, strict=True)]
+    rows = [
+        {**to_row(s), "score": float(sc)} for s, sc in zip(kept.structures, head_scores[kept_index], strict=True)
+    ]
     return {"kept": rows, "stats": stats}
 
 

@@ -93,9 +93,13 @@ def test_fam_labeled_iterations_warm_start_and_train_on_their_labels(tmp_path_fa
         child = models[first[1][column]]
         assert child["kind"] == kind
         assert json.loads(child["config_json"])["parent_model_id"] == first[0][column]
-    labeled = lake.query(
-        "SELECT p.structure_id FROM properties p WHERE list_contains(p.flags, 'loop_label') AND p.iteration = 0"
-    ).column("structure_id").to_pylist()
+    labeled = (
+        lake.query(
+            "SELECT p.structure_id FROM properties p WHERE list_contains(p.flags, 'loop_label') AND p.iteration = 0"
+        )
+        .column("structure_id")
+        .to_pylist()
+    )
     assert labeled, "no candidate of iteration 0 was labeled: nothing to learn from"
     assert lake.query("SELECT count(*) n FROM jobs WHERE stage = 'dft'").column("n")[0].as_py() == 0
     assert set(labeled) <= set(models[first[1]["generator_model_id"]]["data_snapshot"])

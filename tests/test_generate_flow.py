@@ -109,3 +109,31 @@ def test_train_generator_registers_and_is_cached(seeded_lake, prefect_server):
     assert record.metrics["n_train"] == len(record.data_snapshot)
     assert train_generator(seeded_lake.url, "small") == model_id  # unchanged data, config, code: no retraining
     assert seeded_lake.query("SELECT count(*) AS n FROM models_history").to_pylist()[0]["n"] == 1
+
+
+def test_keep_best_follows_the_configured_ranker(registered, prefect_server, tmp_path):
+    """With a CGCNN ranker the kept candidates are the best by that model, not by the generator's head."""
+    from core.cgcnn import Ensemble
+    from core.cgcnn import get_config as cgcnn_config
+    from core.generator import SampleBatch, keep_best, load_generator
+    from core.metrics import mape
+    from core.structures import structure_id, to_row
+    from storage.registry import checkpoint_path, resolve_model
+    from tasks.generate import derive_seed
+
+    lake, model_id = registered
+    ranker = Ensemble.untrained(cgcnn_config("small", {"device": "cpu"})).save(tmp_path / "ranker.pt")
+    params = GenerateParams(
+        lake_url=lake.url, iteration=2, targets=[300.0], samples_per_kept=6, n_kept=3, ranker=str(ranker)
+    )
+    generate(params)
+    kept = {r["structure_id"] for r in current(lake, 2)}
+    generator = load_generator(checkpoint_path(lake, resolve_model(lake, GENERATOR_KIND, model_id)), device="cpu")
+    batch = generator.sample([300.0], 18, derive_seed(0, 300.0))
+    by_ranker = Ensemble.load(ranker).predict_rows([to_row(s) for s in batch.structures]).k_vrh
+    expected = keep_best(SampleBatch(batch.structures, batch.targets, by_ranker), 3)
+    by_head = keep_best(batch, 3)
+    assert kept == {structure_id(s) for s in expected.structures}
+    assert kept != {structure_id(s) for s in by_head.structures}  # the two rankers disagree on this batch
+    stats = lake.query("SELECT ranker, mape_head_raw FROM generations WHERE iteration = 2").to_pylist()
+    assert stats == [{"ranker": str(ranker), "mape_head_raw": pytest.approx(mape(batch.scores, 300.0))}]

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import numpy as np
 from pymatgen.core import Structure
@@ -104,13 +104,19 @@ class Generator(ABC):
         """The hyperparameters, as JSON-able data (for the models table)."""
 
 
-def keep_best(batch: SampleBatch, n_kept: int) -> SampleBatch:
+@overload
+def keep_best(batch: SampleBatch, n_kept: int) -> SampleBatch: ...
+@overload
+def keep_best(batch: SampleBatch, n_kept: int, *, with_index: Literal[True]) -> tuple[SampleBatch, np.ndarray]: ...
+def keep_best(
+    batch: SampleBatch, n_kept: int, *, with_index: bool = False
+) -> SampleBatch | tuple[SampleBatch, np.ndarray]:
     """Per target, the ``n_kept`` valid, distinct structures whose score is closest (relatively) to the target.
 
     Samples are ranked by |score - target| / target and taken from the top while skipping invalid
     structures (``core.metrics.sample_problem``) and duplicates (same ``structure_id``), so only the few
     structures that can be kept are checked. A target may get fewer than ``n_kept`` if too few
-    samples are valid and distinct.
+    samples are valid and distinct. ``with_index`` also returns the kept samples' indices in ``batch``.
     """
     if n_kept < 1:
         raise ValueError("n_kept must be at least 1")
@@ -130,7 +136,8 @@ def keep_best(batch: SampleBatch, n_kept: int) -> SampleBatch:
             keep.append(int(i))
             if len(seen) == n_kept:
                 break
-    return batch.take(keep)
+    kept = batch.take(keep)
+    return (kept, np.asarray(keep, dtype=int)) if with_index else kept
 
 
 def generate(
