@@ -51,6 +51,16 @@ def run(
     fam: Annotated[
         str, typer.Option(help="Foundation atomic model: auto, mace-mp-0, sevennet-0 or a model file")
     ] = "auto",
+    labels: Annotated[
+        str, typer.Option(help="Who labels the stage-II survivors: dft, or fam (the FAM's K, marked as such)")
+    ] = "dft",
+    new_label_weight: Annotated[
+        float, typer.Option(help="Draws of a loop-labeled structure in training per draw of a seed row")
+    ] = 10.0,
+    warm_start: Annotated[bool, typer.Option(help="Fine-tune the previous iteration's models")] = True,
+    grader: Annotated[
+        str | None, typer.Option(help="Frozen CGCNN checkpoint that grades every raw sample (MAPE per iteration)")
+    ] = None,
     dft_preset: Annotated[str, typer.Option(help="DFT preset: test, gpaw-tight, vasp, qe")] = "test",
     dft_limit: Annotated[int | None, typer.Option(help="Label at most this many survivors per iteration")] = None,
     predictor_config: Annotated[str, typer.Option(help="CGCNN config: small, default")] = "default",
@@ -70,6 +80,10 @@ def run(
         n_kept=n_kept,
         samples_per_kept=samples_per_kept,
         fam_model=fam,
+        label_source=labels,
+        new_label_weight=new_label_weight,
+        warm_start=warm_start,
+        grader=grader,
         dft_preset=dft_preset,
         dft_limit=dft_limit,
         predictor_config=predictor_config,
