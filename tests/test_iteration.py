@@ -50,3 +50,39 @@ def test_nothing_labeled_loads_no_model(lake, monkeypatch):
 
     monkeypatch.setattr(tasks.generate, "load_registered_generator", must_not_load)
     assert latent_snapshot(lake, 0) is None
+
+
+def test_iteration_rows_carry_the_funnel_mapes_and_the_generation_statistics(lake):
+    """Labels within 20 %, FAM MAPE with failures as 100 %, stage-II survival and the generations row's MAPEs."""
+    from tasks.iteration import iteration_metrics
+
+    def cand(sid, **fields):
+        return {"iteration": 0, "structure_id": sid, "target": 300.0, "gnn_verdict": "pass", **fields}
+
+    lake.append(
+        "candidates",
+        [
+            cand("a", fam_verdict="pass", fam_k=330.0, status="labeled", dft_k=330.0),  # within 20 %
+            cand("b", fam_verdict="pass", fam_k=240.0, status="labeled", dft_k=200.0),  # labeled, 33 % off
+            cand("c", fam_verdict="reject", fam_k=None, status="rejected"),  # changed structure: 100 %
+            cand("d", gnn_verdict="reject", status="rejected"),  # never reached the FAM
+        ],
+    )
+    lake.append(
+        "generations",
+        [{"iteration": 0, "target": 300.0, "mape_head_raw": 0.3, "mape_head_kept": 0.1, "mape_grader_raw": 0.25}],
+    )
+    (row,) = iteration_metrics(lake, 0, {"train": 1.0}, samples_per_kept=5, label_source="fam")
+    assert (row["n_kept"], row["n_gnn_pass"], row["n_fam_pass"], row["n_labeled"], row["n_within_20"]) == (
+        4,
+        3,
+        2,
+        2,
+        1,
+    )
+    assert row["mape_fam_kept"] == pytest.approx((0.1 + 0.2 + 1.0) / 3)
+    assert row["fam_survival"] == pytest.approx(2 / 3)
+    assert row["dft_k_mean"] == pytest.approx(265.0)
+    assert (row["mape_head_raw"], row["mape_grader_raw"], row["mape_grader_kept"]) == (0.3, 0.25, None)
+    assert row["label_source"] == "fam"
+    lake.append("iterations", [row])  # the row fits the table's schema
