@@ -38,3 +38,17 @@ def test_mape_and_latent_map(tmp_path):
 def test_parity_plot(tmp_path):
     true = np.array([50.0, 150.0, 300.0])
     assert _drawn(plots.parity_plot(true, true * 1.05, true * 0.02, tmp_path / "p.png", "test"))
+
+
+def test_k_distributions_draw_one_panel_per_target_and_one_histogram_per_iteration(tmp_path):
+    rng = np.random.default_rng(1)
+    samples = {(i, t): list(rng.normal(t * (0.8 + 0.1 * i), 20, 200)) for i in range(3) for t in (200.0, 350.0)}
+    path = plots.k_distributions(samples, tmp_path / "k.png")
+    pixels = imread(path)
+    assert _drawn(path) and pixels.shape[1] > 1.5 * pixels.shape[0]  # two panels side by side
+    assert _drawn(plots.k_distributions({}, tmp_path / "k0.png"))
+
+
+def test_mape_of_raw_samples_skips_iterations_without_a_grader(tmp_path):
+    rows = [{"iteration": i, "target": 350.0, "mape_grader_raw": None if i == 0 else 0.3 / i} for i in range(3)]
+    assert _drawn(plots.mape_per_target(rows, tmp_path / "g.png", "mape_grader_raw", "grader MAPE"))
