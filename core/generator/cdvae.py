@@ -36,7 +36,7 @@ What the ablations showed (``small`` preset, both shared files' train split, 2,0
 
 - Composition. Rounding the whole decoded composition gave 19-22 % single elements and 30 % of
   samples with four to ten elements: every element with a 0.1 share got an atom, and a dominant
-  one took all of them. Letting the denoiser re-type atoms at every step made it worse. A decoded
+  one took all of them. A decoded
   element count (``dec_nelem``, trained on z like the atom count) with the likeliest elements
   rounded gives 89-97 % binaries, the rest ternaries, and no single element.
 - Staying near a minimum. 1 of 24 samples still matched after relaxation with the original
@@ -444,7 +444,6 @@ class CDVAE(nn.Module):
         batch = torch.repeat_interleave(torch.arange(len(z), device=device), num_atoms)
         n_elements = (self.dec_nelem(z).argmax(-1) + 1).clamp_min(c.min_elements)
         types = composition_types(comp, num_atoms, n_elements)
-        follow_denoiser = c.type_update == "denoiser"
         frac = torch.rand(len(batch), 3, generator=gen, device=device)
         edges = fully_connected_edges(num_atoms)
         n_levels = len(self.sigmas)
@@ -453,13 +452,11 @@ class CDVAE(nn.Module):
             sigma_next = self.sigmas[i + 1] if i + 1 < n_levels else torch.zeros((), device=device)
             level = torch.full((len(z),), i, device=device, dtype=torch.long)
             for _ in range(c.corrector_steps):  # Langevin corrector at this level
-                pred, logits = self.denoise(z, types, frac, lat_std, batch, edges, level)
-                types = logits.argmax(-1) if follow_denoiser else types
+                pred, _ = self.denoise(z, types, frac, lat_std, batch, edges, level)
                 step = c.corrector_step * sigma**2
                 noise = torch.randn(frac.shape, generator=gen, device=device)
                 frac = torch.remainder(frac + step * scale * pred / sigma + torch.sqrt(2 * step) * noise, 1.0)
-            pred, logits = self.denoise(z, types, frac, lat_std, batch, edges, level)  # reverse-diffusion predictor
-            types = logits.argmax(-1) if follow_denoiser else types
+            pred, _ = self.denoise(z, types, frac, lat_std, batch, edges, level)  # reverse-diffusion predictor
             var = sigma**2 - sigma_next**2
             noise = torch.randn(frac.shape, generator=gen, device=device)
             frac = torch.remainder(

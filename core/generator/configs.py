@@ -7,7 +7,7 @@ data: its settings hash goes into the model id, so a changed number means a new 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -75,10 +75,6 @@ class CDVAEConfig(BaseModel):
     min_elements: int = Field(
         2, ge=1, description="every sample has at least this many elements (2: alloys only; 1 allows single elements)"
     )
-    type_update: Literal["fixed", "denoiser"] = Field(
-        "fixed",
-        description="atom types stay as the composition decoder set them ('fixed'), or follow the denoiser's argmax",
-    )
     symprec: float = Field(
         0.1, ge=0, description="Å: snap each decoded crystal to the space group spglib finds at this tolerance; 0 = off"
     )
@@ -93,7 +89,6 @@ class CDVAEConfig(BaseModel):
             "repulsion_steps",
             "sample_batch",
             "min_elements",
-            "type_update",
             "symprec",
         }
     )
