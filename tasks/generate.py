@@ -115,9 +115,7 @@ def sample_candidates(
             "k_grader_raw_json": json.dumps([round(float(k), 2) for k in graded]),
         }
     logger.info("target %.0f GPa: %s", target, {k: v for k, v in stats.items() if not k.endswith("_json")})
-    rows = [
-        {**to_row(s), "score": float(sc)} for s, sc in zip(kept.structures, head_scores[kept_index], strict=True)
-    ]
+    rows = [{**to_row(s), "score": float(sc)} for s, sc in zip(kept.structures, head_scores[kept_index], strict=True)]
     return {"kept": rows, "stats": stats}
 
 
