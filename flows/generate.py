@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage import Lake
 from storage.candidates import current
+from tasks.common import in_lake
 from tasks.generate import load_registered_generator, sample_candidates, write_candidates
 
 DEFAULT_TARGETS = (60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0)
@@ -66,7 +67,7 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
             logger.info("iteration %d already has candidates for %.0f GPa; skipping", params.iteration, target)
             summary.append({"target": target, "n_sampled": 0, "n_kept": 0, "note": "already generated"})
             continue
-        result = sample_candidates(
+        result = in_lake(sample_candidates, lake_url)(
             lake_url,
             model_id,
             float(target),

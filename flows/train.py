@@ -76,7 +76,7 @@ def _train_generator(params: TrainParams, lake_url: str) -> str:
     """The single dispatch point for generator training (imported late: it loads the generator code)."""
     from tasks.train_generator import train_generator
 
-    return train_generator(
+    return in_lake(train_generator, lake_url)(
         lake_url,
         params.generator_config,
         params.parent_generator,

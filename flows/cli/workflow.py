@@ -111,7 +111,7 @@ def demo() -> None:
         targets=[250.0, 350.0],
         focus_target=350.0,
         iterations=1,
-        n_kept=6,
+        n_kept=12,
         samples_per_kept=20,
         predictor_config="small",
         generator_config="small",
