@@ -137,3 +137,27 @@ def test_keep_best_follows_the_configured_ranker(registered, prefect_server, tmp
     assert kept != {structure_id(s) for s in by_head.structures}  # the two rankers disagree on this batch
     stats = lake.query("SELECT ranker, mape_head_raw FROM generations WHERE iteration = 2").to_pylist()
     assert stats == [{"ranker": str(ranker), "mape_head_raw": pytest.approx(mape(batch.scores, 300.0))}]
+
+
+@pytest.mark.slow
+def test_a_recreated_lake_trains_again_instead_of_returning_a_vanished_model(shared_data, tmp_path, prefect_server):
+    """Task results live in the lake: delete it, rebuild it at the same path, and the generator is registered anew."""
+    import shutil
+
+    from flows.train import TrainParams, train
+    from storage import Lake
+    from storage.registry import resolve_model
+
+    source = tmp_path / "mp-subset.json.gz"
+    with gzip.open(source, "wt") as fh:
+        json.dump(metallic_records(shared_data, 60), fh)
+
+    def trained_lake() -> tuple[Lake, str]:
+        lake = Lake(tmp_path / "lake")
+        ingest(lake, str(source))
+        return lake, train(TrainParams(lake_url=lake.url, what=["generator"]))["generator"]
+
+    trained_lake()
+    shutil.rmtree(tmp_path / "lake")
+    lake, model_id = trained_lake()
+    assert resolve_model(lake, GENERATOR_KIND, model_id).model_id == model_id  # registered in the lake now there
