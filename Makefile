@@ -39,7 +39,7 @@ $(VENV)/.gpaw: $(VENV)/.installed deployments/gpaw_siteconfig.py
 	$(BIN)/python -c "import gpaw, _gpaw; print('gpaw', gpaw.__version__)"
 	touch $@
 
-# One small active-learning iteration on the committed seed set (about 9 minutes on 2 cores).
+# One small active-learning iteration on the committed seed set (about 6 minutes on 2 cores).
 demo: install
 	$(BIN)/matloop demo
 
