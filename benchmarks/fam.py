@@ -6,9 +6,9 @@ Accuracy: for each FAM that can be loaded here, relax and compute K_vrh for ``--
 structures (<= 4 atoms, 0 < K <= 500 GPa) drawn deterministically from ``../shared/data`` and
 compare with the DFT K_VRH: MAE (GPa), MAPE and the fraction within 20 %.
 
-Speed: structures per minute for relax + elastic + EOS on two-atom cells, in one process with
+Speed: structures per minute for stage II (relax + elastic) on two-atom cells, in one process with
 one torch thread: (a) one at a time with ASE and the full 24-strain set, (b) one at a time with
-the symmetry-reduced set, (c) batched relaxation (torch-sim) plus the symmetry-reduced set.
+the symmetry-reduced set, (c) everything batched (torch-sim). benchmarks/peer_elastic.py compares with matcalc.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from core.fam import (  # noqa: E402
     FamSettings,
     FamUnavailableError,
     fam_calculator,
-    fam_outcome,
-    relax_all,
+    fam_outcomes,
     set_torch_threads,
 )
 from core.settings import get_settings  # noqa: E402
@@ -73,11 +72,9 @@ def accuracy(model: str, refs: list[tuple[str, Structure, float]], settings: Fam
         print(f"{model}: not available here ({exc})")
         return
     t0 = time.perf_counter()
-    atoms = [to_atoms(s) for _, s, _ in refs]
-    relaxed = relax_all(atoms, calc, settings)
+    outcomes = fam_outcomes([to_atoms(s) for _, s, _ in refs], calc, name, settings)
     pred, true, failed = [], [], 0
-    for a, r, (_, _, k_dft) in zip(atoms, relaxed, refs, strict=True):
-        o = fam_outcome(a, calc, name, settings, relaxed=r)
+    for o, (_, _, k_dft) in zip(outcomes, refs, strict=True):
         if o.elastic is None or o.elastic.k_vrh is None:
             failed += 1
             continue
@@ -91,27 +88,27 @@ def accuracy(model: str, refs: list[tuple[str, Structure, float]], settings: Fam
         f"  K_vrh vs DFT: MAE {err.mean():.1f} GPa, MAPE {np.mean(err / t):.1%}, "
         f"within 20 % {np.mean(err / t <= 0.2):.1%}, median abs error {np.median(err):.1f} GPa"
     )
-    print(f"  {len(refs) / minutes:.1f} structures/min (batched relax + symmetry-reduced elastic, 1 thread)")
+    print(f"  {len(refs) / minutes:.1f} structures/min (stage II batched, 1 thread)")
 
 
 def speed(n: int) -> None:
     calc, name = fam_calculator("sevennet-0")
     cells = [to_atoms(s) for _, s, _ in reference_set(Path(get_settings().shared_data), 400, max_sites=2)][:n]
+    full = ElasticSettings(use_symmetry=False, eos_strains=())
     modes = {
-        "one at a time, full strain set": FamSettings(batched=False, elastic=ElasticSettings(use_symmetry=False)),
+        "one at a time, full strain set": FamSettings(batched=False, elastic=full),
         "one at a time, symmetry-reduced": FamSettings(batched=False),
-        "batched relax, symmetry-reduced": FamSettings(batched=True),
+        "batched, symmetry-reduced": FamSettings(batched=True),
     }
     rates = {}
     for label, settings in modes.items():
         t0 = time.perf_counter()
-        for a, r in zip(cells, relax_all(cells, calc, settings), strict=True):
-            fam_outcome(a, calc, name, settings, relaxed=r)
+        fam_outcomes(cells, calc, name, settings)
         rates[label] = len(cells) / ((time.perf_counter() - t0) / 60)
         print(f"  {label:34s} {rates[label]:6.1f} structures/min ({len(cells)} two-atom cells, {name}, 1 thread)")
     base = rates["one at a time, full strain set"]
     print(
-        f"  speedup batched+symmetry vs one at a time: {rates['batched relax, symmetry-reduced'] / base:.1f}x "
+        f"  speedup batched+symmetry vs one at a time: {rates['batched, symmetry-reduced'] / base:.1f}x "
         f"(two processes on the 2 cores would double each rate)"
     )
 
@@ -127,7 +124,7 @@ def main() -> None:
     print(f"accuracy on {len(refs)} metallic structures (<= 4 atoms) from {get_settings().shared_data}")
     for model in args.models.split(","):
         accuracy(model.strip(), refs, FamSettings())
-    print("speed (relax + elastic + EOS):")
+    print("speed (relax + elastic):")
     speed(args.speed_n)
 
 

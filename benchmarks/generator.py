@@ -110,12 +110,7 @@ class Grader:
 
     def fam_outcomes(self, structures: Sequence[Structure]) -> list[fam.FamOutcome]:
         """Stage II's relax (batched) + match check + elastic tensor, per structure."""
-        atoms = [to_atoms(s) for s in structures]
-        relaxed = fam.relax_all(atoms, self.calculator, self.settings)
-        return [
-            fam.fam_outcome(a, self.calculator, self.fam_name, self.settings, relaxed=r)
-            for a, r in zip(atoms, relaxed, strict=True)
-        ]
+        return fam.fam_outcomes([to_atoms(s) for s in structures], self.calculator, self.fam_name, self.settings)
 
     def fam_figures(self, structures: Sequence[Structure], target: float) -> dict[str, float]:
         """FAM MAPE (failures and changed structures count 100 %), share still matching, median RMS displacement."""

@@ -35,6 +35,7 @@ from torch_geometric.nn import CGConv, global_mean_pool
 from tqdm import tqdm
 
 from core import graphs as graphs_module
+from core.device import resolve_device
 from core.graphs import CrystalGraph, GraphBatch, GraphConfig, atom_feature_table, collate
 from core.provenance import settings_hash
 
@@ -113,16 +114,6 @@ def code_hash() -> str:
     for module_file in (__file__, graphs_module.__file__):
         digest.update(Path(module_file).read_bytes())
     return digest.hexdigest()[:12]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given (checked to exist)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available here")
-    return device
 
 
 # ---------- model ----------

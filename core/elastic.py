@@ -68,6 +68,9 @@ class ElasticSettings(BaseModel):
     ion_fmax: float = Field(0.01, gt=0)
     """Force threshold (eV/Å) of the fixed-cell ionic relaxation."""
     ion_steps: int = Field(100, ge=0)
+    """Step limit of that relaxation one at a time; 0 gives clamped-ion constants."""
+    ion_step: float = Field(0.01, gt=0, le=0.05)
+    """Å: finite displacement of the batched ionic response (:class:`IonResponse`), which replaces that relaxation."""
     eos_rel_tol: float = Field(0.15, gt=0)
     """Flag ``eos_disagrees`` when |K_eos - K_voigt| exceeds this fraction of K_voigt ..."""
     eos_abs_tol: float = Field(10.0, ge=0)
@@ -247,19 +250,25 @@ def _strain_plan(atoms: Atoms, settings: ElasticSettings) -> list[tuple[str, np.
     return plan
 
 
-def deformations(atoms: Atoms, settings: ElasticSettings | None = None) -> list[Deformation]:
-    """Every cell to compute for the elastic tensor and the EOS of the (relaxed) reference cell ``atoms``.
-
-    With ``use_symmetry`` the cell is first rotated rigidly into its standard orientation, so
-    the strains (and the fitted ``c_voigt``) refer to the crystal's standard axes.
-    """
+def reference_cell(atoms: Atoms, settings: ElasticSettings | None = None) -> Atoms:
+    """The cell every deformation is built from: ``atoms``, rotated into standard orientation with ``use_symmetry``."""
     settings = settings or ElasticSettings()
     if len(atoms) == 0 or not all(atoms.pbc):
         raise ValueError("elastic constants need a non-empty cell periodic in all three directions")
     if atoms.cell.volume <= 1e-6:
         raise ValueError("the cell has zero volume")
-    if settings.use_symmetry:
-        atoms = standard_orientation(atoms, settings.symprec)
+    return standard_orientation(atoms, settings.symprec) if settings.use_symmetry else atoms
+
+
+def deformations(atoms: Atoms, settings: ElasticSettings | None = None, *, oriented: bool = False) -> list[Deformation]:
+    """Every cell to compute for the elastic tensor and the EOS of the (relaxed) reference cell ``atoms``.
+
+    With ``use_symmetry`` the cell is first rotated rigidly into its standard orientation (unless
+    ``oriented`` says it already is, as :func:`reference_cell` returns it), so the strains (and
+    the fitted ``c_voigt``) refer to the crystal's standard axes.
+    """
+    settings = settings or ElasticSettings()
+    atoms = atoms if oriented else reference_cell(atoms, settings)
     plan = _strain_plan(atoms, settings)
     out = [Deformation(label, "strain", strained(atoms, e), e, images) for label, e, images in plan]
     for s in settings.eos_strains:
@@ -365,6 +374,133 @@ def fit(
     if out.born_stable is False:
         out.flags.append("born_unstable")
     return out
+
+
+# ---------- relaxed-ion constants by linear response ----------
+@dataclass(frozen=True)
+class DisplacementPlan:
+    """Which atoms of a cell to displace for its force constants, and how the rest follow by symmetry.
+
+    ``displaced`` lists the representative atoms (one per symmetry orbit, each moved along x, y
+    and z); for every atom j, ``images[j]`` is (k, R, perm): a space-group operation with
+    Cartesian rotation R that takes representative k to j and atom i to ``perm[i]``.
+    """
+
+    displaced: tuple[int, ...]
+    images: tuple[tuple[int, np.ndarray, np.ndarray], ...] = field(repr=False)
+
+
+def displacement_plan(reference: Atoms, symprec: float) -> DisplacementPlan:
+    """One representative atom per symmetry orbit of ``reference`` (all atoms when it has no symmetry)."""
+    frac = reference.get_scaled_positions()
+    numbers = reference.get_atomic_numbers()
+    lattice = np.asarray(reference.cell[:])
+    sym = spglib.get_symmetry((lattice, frac, numbers), symprec=symprec)
+    ops = (
+        [(np.eye(3, dtype=int), np.zeros(3))]
+        if sym is None
+        else list(zip(sym["rotations"], sym["translations"], strict=True))
+    )
+    n = len(reference)
+    tol = max(symprec / min(np.linalg.norm(lattice, axis=1)), 1e-5) * 10
+    images: list[tuple[int, np.ndarray, np.ndarray] | None] = [None] * n
+    displaced: list[int] = []
+    for k in range(n):
+        if images[k] is not None:
+            continue
+        displaced.append(k)
+        for w, t in ops:
+            moved = frac @ np.asarray(w).T + t
+            delta = moved[:, None, :] - frac[None, :, :]
+            delta -= np.round(delta)
+            match = (np.abs(delta).max(axis=2) < tol) & (numbers[:, None] == numbers[None, :])
+            if not match.any(axis=1).all():
+                continue  # not a clean permutation at this tolerance: skip the operation
+            perm = match.argmax(axis=1)
+            j = int(perm[k])
+            if images[j] is None:
+                r = lattice.T @ np.asarray(w, dtype=float) @ np.linalg.inv(lattice.T)
+                u, _, vt = np.linalg.svd(r)
+                images[j] = (k, u @ vt, perm)
+    return DisplacementPlan(tuple(displaced), tuple(images))  # type: ignore[arg-type]
+
+
+def displaced_cells(reference: Atoms, plan: DisplacementPlan, step: float) -> list[Atoms]:
+    """The reference cell with one representative atom moved ``step`` Å along x, y or z, in plan order."""
+    if step <= 0:
+        raise ValueError("the displacement step must be positive")
+    cells = []
+    for k in plan.displaced:
+        for axis in range(3):
+            cell = reference.copy()
+            cell.calc = None
+            cell.positions[k, axis] += step
+            cells.append(cell)
+    return cells
+
+
+@dataclass(frozen=True)
+class IonResponse:
+    """How the ions of a cell respond at fixed cell, to first order: what replaces an ionic relaxation.
+
+    From finite displacements of the reference cell: the force constants Phi (eV/Å^2) and the
+    stress gradient dsigma/du (eV/Å^4). A strained cell whose ions feel the extra forces dF
+    relaxes by u = Phi^+ dF, which changes its stress by (dsigma/du) u and its energy by
+    -dF.u / 2: the relaxed-ion elastic constants C_relaxed = C_clamped - Lambda^T Phi^-1 Lambda
+    / V of Wu, Vanderbilt & Hamann (PRB 72, 035105 (2005)), at the cost of three single points
+    per symmetry-distinct atom instead of one relaxation per strained cell.
+    """
+
+    hessian_pinv: np.ndarray = field(repr=False)
+    stress_gradient: np.ndarray = field(repr=False)
+    reference_forces: np.ndarray = field(repr=False)
+    min_eigenvalue: float
+    """Smallest force-constant eigenvalue outside the three translations, eV/Å^2; negative: unstable ions."""
+
+    @classmethod
+    def from_displacements(
+        cls,
+        plan: DisplacementPlan,
+        reference_forces: np.ndarray,
+        reference_stress: np.ndarray,
+        displaced: Sequence[tuple[np.ndarray, np.ndarray]],
+        step: float,
+    ) -> IonResponse:
+        """Build from the reference's (forces, stress) and those of :func:`displaced_cells`, in plan order."""
+        f0 = np.asarray(reference_forces, dtype=float)
+        n = len(f0)
+        if len(displaced) != 3 * len(plan.displaced):
+            raise ValueError(f"the plan needs {3 * len(plan.displaced)} displaced cells, got {len(displaced)}")
+        block: dict[
+            int, tuple[np.ndarray, np.ndarray]
+        ] = {}  # representative -> Phi[:, :, k] (n,3,3), dsigma/du_k (3,3,3)
+        for r, k in enumerate(plan.displaced):
+            cols = displaced[3 * r : 3 * r + 3]
+            phi_k = np.stack([-(np.asarray(f, dtype=float) - f0) / step for f, _ in cols], axis=2)
+            grad_k = np.stack([(np.asarray(s, dtype=float) - reference_stress) / step for _, s in cols], axis=0)
+            block[k] = (phi_k, grad_k)
+        phi = np.zeros((n, 3, n, 3))
+        grad = np.zeros((n, 3, 3, 3))
+        for j, (k, rot, perm) in enumerate(plan.images):
+            phi_k, grad_k = block[k]
+            phi[perm, :, j, :] = np.einsum("ab,ibc,dc->iad", rot, phi_k, rot)
+            grad[j] = np.einsum("ca,aij,ki,lj->ckl", rot, grad_k, rot, rot)
+        translations = np.kron(np.ones((n, 1)), np.eye(3)) / np.sqrt(n)  # orthonormal (3n, 3)
+        project = np.eye(3 * n) - translations @ translations.T
+        phi = phi.reshape(3 * n, 3 * n)
+        phi = project @ (0.5 * (phi + phi.T)) @ project  # symmetric, translations exactly free
+        values, vectors = np.linalg.eigh(phi)
+        scale = max(float(np.abs(values).max()), 1e-12)
+        free = values > 1e-4 * scale  # drops the translations (~0) and any unstable (negative) mode
+        pinv = (vectors[:, free] / values[free]) @ vectors[:, free].T
+        rest = np.sort(values)[3:]
+        return cls(pinv, grad.reshape(3 * n, 3, 3), f0, float(rest.min()) if len(rest) else 0.0)
+
+    def relax(self, forces: np.ndarray, stress: np.ndarray, energy: float) -> tuple[np.ndarray, float]:
+        """(stress, energy) of a strained cell after its ions relax, from its clamped-ion values."""
+        d_f = (np.asarray(forces, dtype=float) - self.reference_forces).ravel()
+        u = self.hessian_pinv @ d_f
+        return np.asarray(stress, dtype=float) + np.tensordot(u, self.stress_gradient, axes=1), energy - 0.5 * d_f @ u
 
 
 # ---------- in-process convenience ----------

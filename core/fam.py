@@ -36,8 +36,21 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from pydantic import BaseModel, ConfigDict, Field
 from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Structure
 
-from core.elastic import ElasticResult, ElasticSettings, elastic_constants
+from core.batched import Failure, relax_cells, single_points
+from core.device import resolve_device
+from core.elastic import (
+    ElasticResult,
+    ElasticSettings,
+    IonResponse,
+    deformations,
+    displaced_cells,
+    displacement_plan,
+    elastic_constants,
+    fit,
+    reference_cell,
+)
 from core.relax import RelaxResult, UnphysicalResultError, relax
 from core.settings import get_settings
 from core.structures import from_atoms, to_row, validity_problem
@@ -64,11 +77,15 @@ class FamSettings(BaseModel):
     steps: int = Field(300, ge=1)
     optimizer: Literal["FIRE", "BFGS"] = "FIRE"
     batched: bool = True
-    """Relax a batch of structures in one model call per step (torch-sim) instead of one at a time (ASE)."""
+    """Relax, strain and evaluate whole batches of structures per model call (torch-sim), not one at a time (ASE)."""
     ltol: float = 0.2
     stol: float = 0.3
     angle_tol: float = 5.0
-    elastic: ElasticSettings = ElasticSettings()
+    elastic: ElasticSettings = ElasticSettings(strains=(-0.01, 0.01), eos_strains=(), ion_fmax=1e-3)
+    """Central differences at ±1 % and no EOS cross-check: the fewest cells that give the full tensor
+    (the DFT stage keeps the four-point fit and the EOS). Ions are relaxed wherever a strain moves
+    them by more than noise (1 meV/Å): under 1 % strain, forces of a few meV/Å already change C11
+    of hcp Ti by 10 GPa (tests/test_batched.py)."""
     dtype: Literal["float32", "float64"] = "float64"
     """MACE precision; float64 because finite-strain stresses need it (SevenNet runs float32 only)."""
 
@@ -133,12 +150,14 @@ def _mace_calculator(path: Path, dtype: str, device: str) -> Calculator:
     return MACECalculator(model_paths=str(path), device=device, default_dtype=dtype)
 
 
-def fam_calculator(name: str = "auto", device: str = "cpu", dtype: str = "float64") -> tuple[Calculator, str]:
-    """An ASE calculator for a foundation model, and the name of the model actually used.
+def fam_calculator(name: str = "auto", device: str | None = None, dtype: str = "float64") -> tuple[Calculator, str]:
+    """An ASE calculator for a foundation model on ``device``, and the name of the model actually used.
 
-    ``name`` is ``auto``, ``mace-mp-0``, ``sevennet-0`` or a path to a MACE model file.
+    ``name`` is ``auto``, ``mace-mp-0``, ``sevennet-0`` or a path to a MACE model file; ``device``
+    is resolved by :func:`core.device.resolve_device` (None: ``MATLOOP_DEVICE``, default auto).
     Raises FamUnavailableError when the model cannot be had and ValueError for an unknown name.
     """
+    device = str(resolve_device(device))
     if name == "auto":
         try:
             return fam_calculator("mace-mp-0", device, dtype)
@@ -157,6 +176,13 @@ def fam_calculator(name: str = "auto", device: str = "cpu", dtype: str = "float6
     raise ValueError(f"unknown FAM {name!r}: use one of {', '.join(FAM_NAMES)} or a path to a MACE model file")
 
 
+def calculator_device(calculator: Calculator) -> torch.device:
+    """The device the calculator's network sits on (CPU for a calculator without a torch network)."""
+    net = (getattr(calculator, "models", None) or [getattr(calculator, "model", None)])[0]
+    params = list(net.parameters()) if isinstance(net, torch.nn.Module) else []
+    return params[0].device if params else torch.device("cpu")
+
+
 def supported_numbers(calculator: Calculator) -> set[int] | None:
     """Atomic numbers the model knows, or None if the calculator does not say."""
     models = getattr(calculator, "models", None)
@@ -173,19 +199,20 @@ def _unknown_elements(atoms: Atoms, calculator: Calculator) -> list[str]:
     return sorted({s for s, z in zip(atoms.get_chemical_symbols(), atoms.numbers, strict=True) if int(z) not in known})
 
 
-# ---------- batched relaxation (torch-sim) ----------
+# ---------- batched models (torch-sim) ----------
 def torchsim_model(calculator: Calculator) -> Any:
-    """A torch-sim model wrapping a copy of the calculator's network (MACE or SevenNet), for batched work.
+    """A torch-sim model wrapping a copy of the calculator's network (MACE or SevenNet), on the calculator's device.
 
     SevenNet 0.10.4 predates what torch-sim 0.3 expects; two shims make it run: the
     ``DATA_MODALITY`` key and a ``modal_map = None`` attribute on a copy of the network.
+    Raises ValueError for a calculator with no batched wrapper.
     """
     if getattr(calculator, "models", None):
         from torch_sim.models.mace import MaceModel
 
         net = copy.deepcopy(calculator.models[0])
-        dtype = next(net.parameters()).dtype
-        return MaceModel(net, device=torch.device("cpu"), dtype=dtype)
+        param = next(net.parameters())
+        return MaceModel(net, device=param.device, dtype=param.dtype)
     if hasattr(calculator, "type_map") and hasattr(calculator, "model"):
         import sevenn._keys as keys
         from torch_sim.models.sevennet import SevenNetModel
@@ -194,48 +221,60 @@ def torchsim_model(calculator: Calculator) -> Any:
             keys.DATA_MODALITY = "data_modality"
         net = copy.deepcopy(calculator.model)
         net.modal_map = None
-        return SevenNetModel(net, device=torch.device("cpu"))
+        return SevenNetModel(net, device=next(net.parameters()).device)
     raise ValueError(f"no batched (torch-sim) wrapper for {type(calculator).__name__}")
 
 
-def relax_batch(atoms_list: Sequence[Atoms], calculator: Calculator, settings: FamSettings) -> list[RelaxResult]:
-    """Relax cells and positions of many structures together with torch-sim's Frechet-cell FIRE.
+def elastic_batch(model: Any, cells: Sequence[Atoms], settings: ElasticSettings) -> list[ElasticResult | Failure]:
+    """Elastic tensors of many relaxed cells from batched single points: every strained cell of every structure.
 
-    Converged structures leave the batch as they converge; each gets at most ``settings.steps``
-    steps. Raises whatever the model raises: callers fall back to one-at-a-time relaxation.
+    Ions are relaxed at fixed cell (``relax_ions``) only for structures whose strained cells
+    feel forces above ``ion_fmax`` (a strain that breaks a symmetry holding atoms in place), and
+    then by linear response (:class:`core.elastic.IonResponse`): three displaced reference cells per
+    symmetry-distinct atom instead of one relaxation per strained cell. A structure any of whose cells fails is a
+    :class:`Failure` (the caller may redo it one at a time); the others are unaffected.
     """
-    import torch_sim as ts
-
-    model = torchsim_model(calculator)
-    state = ts.io.atoms_to_state(list(atoms_list), model.device, model.dtype)
-    converged_fn = ts.generate_force_convergence_fn(force_tol=settings.fmax, include_cell_forces=True)
-    final = ts.optimize(
-        system=state,
-        model=model,
-        optimizer=ts.frechet_cell_fire,
-        convergence_fn=converged_fn,
-        max_steps=settings.steps,
-        autobatcher=False,
-    )
-    converged = converged_fn(final, None).tolist()
-    energies = final.energy.detach().cpu().numpy()
-    forces = final.forces.detach().cpu().numpy()
-    system = final.system_idx.cpu().numpy()
-    out = []
-    for i, atoms in enumerate(ts.io.state_to_atoms(final)):
-        f = forces[system == i]
-        if not (np.isfinite(energies[i]) and np.isfinite(f).all() and np.isfinite(atoms.cell[:]).all()):
-            raise FloatingPointError(f"non-finite result for structure {i} of the batch")
-        atoms.calc = None
-        out.append(
-            RelaxResult(
-                atoms=atoms,
-                converged=bool(converged[i]),
-                n_steps=None,
-                energy=float(energies[i]),
-                max_force=float(np.linalg.norm(f, axis=1).max()),
-            )
+    refs = [reference_cell(a, settings) for a in cells]
+    plans = [deformations(r, settings, oriented=True) for r in refs]
+    points = single_points(model, [d.atoms for plan in plans for d in plan] + refs)
+    ref_points = points[-len(refs) :] if refs else []
+    offsets = np.cumsum([0, *(len(p) for p in plans)])
+    per_structure = [points[offsets[s] : offsets[s + 1]] for s in range(len(plans))]
+    out: list[ElasticResult | Failure] = [Failure("not computed")] * len(cells)
+    needs_response: list[int] = []
+    for s, (ref, pts) in enumerate(zip(ref_points, per_structure, strict=True)):
+        failed = next((p for p in [ref, *pts] if isinstance(p, Failure)), None)
+        if failed is not None:
+            out[s] = failed
+        elif (
+            settings.relax_ions
+            and len(refs[s]) > 1
+            and settings.ion_steps > 0
+            and max(np.linalg.norm(p.forces - ref.forces, axis=1).max() for p in pts) > settings.ion_fmax
+        ):
+            needs_response.append(s)
+        else:
+            results = {d.label: (p.stress, p.energy) for d, p in zip(plans[s], pts, strict=True)}
+            out[s] = fit(refs[s], plans[s], results, settings)
+    disp_plans = {s: displacement_plan(refs[s], settings.symprec) for s in needs_response}
+    displaced = [displaced_cells(refs[s], disp_plans[s], settings.ion_step) for s in needs_response]
+    disp_points = iter(single_points(model, [c for group in displaced for c in group]))
+    for s, group in zip(needs_response, displaced, strict=True):
+        disp = [next(disp_points) for _ in group]
+        failed = next((p for p in disp if isinstance(p, Failure)), None)
+        if failed is not None:
+            out[s] = failed
+            continue
+        ref = ref_points[s]
+        response = IonResponse.from_displacements(
+            disp_plans[s], ref.forces, ref.stress, [(p.forces, p.stress) for p in disp], settings.ion_step
         )
+        pts = zip(plans[s], per_structure[s], strict=True)
+        results = {d.label: response.relax(p.forces, p.stress, p.energy) for d, p in pts}
+        result = fit(refs[s], plans[s], results, settings)
+        if response.min_eigenvalue < 0:
+            result.flags.append("ions_unstable")
+        out[s] = result
     return out
 
 
@@ -257,37 +296,110 @@ def fam_outcome(
     calculator: Calculator,
     model_name: str,
     settings: FamSettings | None = None,
-    relaxed: RelaxResult | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> FamOutcome:
-    """Relax (unless ``relaxed`` is given), check the relaxed structure still matches, compute the elastic tensor.
+    """One structure, one at a time (ASE): relax, check it still matches, compute the elastic tensor.
 
-    Never raises for a bad structure: the failure is returned with its class so a batch goes on.
+    The reference path and the fallback of :func:`fam_outcomes`. Never raises for a bad
+    structure: the failure is returned with its class so a batch goes on.
     """
     settings = settings or FamSettings()
+    failed = _precheck(atoms, calculator, model_name)
+    if failed is not None:
+        return failed
     out = FamOutcome(model_name=model_name)
+    try:
+        relaxed = relax(atoms, calculator, fmax=settings.fmax, steps=settings.steps, optimizer=settings.optimizer)
+        out = _after_relax(out, from_atoms(atoms), relaxed, settings)
+        if out.relax_converged and out.matches_input:
+            out.elastic = elastic_constants(relaxed.atoms, calculator, settings.elastic, progress)
+    except Exception as exc:  # any calculator failure is recorded, never fatal to the batch
+        out.error_class, out.error = _classify(exc), f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _precheck(atoms: Atoms, calculator: Calculator, model_name: str) -> FamOutcome | None:
+    """The outcome of a structure that cannot be computed at all (unknown element, bad input), else None."""
     unknown = _unknown_elements(atoms, calculator)
     if unknown:
         error = f"{model_name} does not know {', '.join(unknown)}"
-        return out.model_copy(update={"error_class": "unknown_element", "error": error})
-    input_structure = from_atoms(atoms)
-    problem = validity_problem(input_structure)
+        return FamOutcome(model_name=model_name, error_class="unknown_element", error=error)
+    problem = validity_problem(from_atoms(atoms))
     if problem:
-        return out.model_copy(update={"error_class": "bad_input", "error": problem})
+        return FamOutcome(model_name=model_name, error_class="bad_input", error=problem)
+    return None
+
+
+def _after_relax(
+    out: FamOutcome, input_structure: Structure, relaxed: RelaxResult, settings: FamSettings
+) -> FamOutcome:
+    """The outcome with the relaxation recorded and the structure-match gate decided."""
+    final = from_atoms(relaxed.atoms)
+    return out.model_copy(
+        update={
+            "relaxed": to_row(final),
+            "relax_converged": relaxed.converged,
+            "relax_steps": relaxed.n_steps,
+            "energy_per_atom": relaxed.energy / len(relaxed.atoms),
+            "matches_input": validity_problem(final) is None and bool(_matcher(settings).fit(input_structure, final)),
+        }
+    )
+
+
+def fam_outcomes(
+    atoms_list: Sequence[Atoms],
+    calculator: Calculator,
+    model_name: str,
+    settings: FamSettings | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[FamOutcome]:
+    """Stage II for many structures, one outcome each, in order: relaxed, matched, elastic tensor.
+
+    Batched (``settings.batched`` and a model torch-sim can wrap): every relaxation in one
+    batch, then every strained cell of every structure (:func:`elastic_batch`), on the
+    calculator's device. A structure the batch could not finish is redone one at a time
+    (:func:`fam_outcome`), which records its own failure; the others keep their batched
+    results. ``progress`` hears one line per phase.
+    """
+    settings = settings or FamSettings()
+    say = progress or (lambda _msg: None)
+    outcomes: list[FamOutcome | None] = [_precheck(a, calculator, model_name) for a in atoms_list]
+    model = _batch_model(calculator) if settings.batched else None
+    todo = [i for i, o in enumerate(outcomes) if o is None]
+    if model is not None and todo:
+        relaxed = relax_cells(model, [atoms_list[i] for i in todo], settings.fmax, settings.steps)
+        say(f"relaxed {len(todo)} structures batched")
+        ready: list[tuple[int, RelaxResult]] = []
+        for i, r in zip(todo, relaxed, strict=True):
+            if isinstance(r, Failure):
+                log.info("structure %d left the batch (%s); redoing it one at a time", i, r.reason)
+                continue
+            o = _after_relax(FamOutcome(model_name=model_name), from_atoms(atoms_list[i]), r, settings)
+            outcomes[i] = o
+            if o.relax_converged and o.matches_input:
+                ready.append((i, r))
+        if ready:
+            elastic = elastic_batch(model, [r.atoms for _, r in ready], settings.elastic)
+            say(f"elastic tensors of {len(ready)} structures batched")
+            for (i, _), e in zip(ready, elastic, strict=True):
+                if isinstance(e, Failure):
+                    log.info("structure %d: batched elastic tensor failed (%s); redoing it one at a time", i, e.reason)
+                    outcomes[i] = None
+                else:
+                    outcomes[i] = outcomes[i].model_copy(update={"elastic": e})
+    return [
+        o if o is not None else fam_outcome(a, calculator, model_name, settings)
+        for a, o in zip(atoms_list, outcomes, strict=True)
+    ]
+
+
+def _batch_model(calculator: Calculator) -> Any | None:
+    """The torch-sim model for this calculator, or None (one at a time) when there is none."""
     try:
-        if relaxed is None:
-            relaxed = relax(atoms, calculator, fmax=settings.fmax, steps=settings.steps, optimizer=settings.optimizer)
-        final = from_atoms(relaxed.atoms)
-        out.relaxed = to_row(final)
-        out.relax_converged = relaxed.converged
-        out.relax_steps = relaxed.n_steps
-        out.energy_per_atom = relaxed.energy / len(atoms)
-        out.matches_input = validity_problem(final) is None and bool(_matcher(settings).fit(input_structure, final))
-        if relaxed.converged and out.matches_input:
-            out.elastic = elastic_constants(relaxed.atoms, calculator, settings.elastic, progress)
-    except Exception as exc:  # any calculator failure is recorded, never fatal to the batch)
-        out.error_class, out.error = _classify(exc), f"{type(exc).__name__}: {exc}"
-    return out
+        return torchsim_model(calculator)
+    except ValueError as exc:
+        log.info("%s; computing one structure at a time", exc)
+        return None
 
 
 def verdict(outcome: FamOutcome, target: float, tolerance: float) -> tuple[Literal["pass", "reject", "error"], str]:
@@ -314,29 +426,6 @@ def verdict(outcome: FamOutcome, target: float, tolerance: float) -> tuple[Liter
     if abs(off) > tolerance:
         return "reject", f"K_vrh {el.k_vrh:.1f} GPa is {off:+.0%} off target {target:g} GPa (tolerance {tolerance:.0%})"
     return "pass", f"K_vrh {el.k_vrh:.1f} GPa within {tolerance:.0%} of {target:g} GPa, Born-stable"
-
-
-def relax_all(atoms_list: Sequence[Atoms], calculator: Calculator, settings: FamSettings) -> list[RelaxResult | None]:
-    """Relax many structures: batched when the settings ask and the model allows, else one at a time.
-
-    A batch that fails as a whole (one structure poisoning it) is redone one at a time; the
-    entries left None are those the per-structure path (``fam_outcome``) must relax itself.
-    """
-    if not settings.batched or len(atoms_list) < 2:
-        return [None] * len(atoms_list)
-    ok = [
-        i
-        for i, a in enumerate(atoms_list)
-        if not _unknown_elements(a, calculator) and validity_problem(from_atoms(a)) is None
-    ]
-    results: list[RelaxResult | None] = [None] * len(atoms_list)
-    try:
-        for i, r in zip(ok, relax_batch([atoms_list[i] for i in ok], calculator, settings), strict=True):
-            results[i] = r
-    except Exception as exc:  # fall back to the per-structure path, which records each failure
-        log.warning("batched relaxation failed (%s: %s); relaxing one at a time", type(exc).__name__, exc)
-        return [None] * len(atoms_list)
-    return results
 
 
 def set_torch_threads() -> None:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from ase.calculators.calculator import Calculator
 from pymatgen.core import Element, Lattice, Structure
 
-from core.fam import FamOutcome, FamSettings, fam_outcome, relax_all
+from core.fam import FamOutcome, FamSettings, fam_outcomes
 from core.provenance import settings_hash
 from core.structures import split_of, to_atoms
 
@@ -184,8 +184,7 @@ def label(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         atoms = [to_atoms(s) for _, s in chunk]
-        for (name, _), a, relaxed in zip(chunk, atoms, relax_all(atoms, calculator, settings), strict=True):
-            outcome = fam_outcome(a, calculator, model_name, settings, relaxed=relaxed)
+        for (name, _), outcome in zip(chunk, fam_outcomes(atoms, calculator, model_name, settings), strict=True):
             reason = _keep(outcome)
             if reason:
                 dropped[name] = reason

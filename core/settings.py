@@ -18,6 +18,8 @@ class MatloopSettings(BaseSettings):
     """Downloads (matbench data, MACE-MP-0 weights) are cached here."""
     shared_data: str = "../shared/data"
     """Reference data folder (Materials Project elasticity sets)."""
+    device: str = "auto"
+    """Where models run: auto (CUDA when present, else CPU), cpu, cuda or cuda:<n> (see core.device)."""
 
 
 def get_settings() -> MatloopSettings:

@@ -97,6 +97,7 @@ JOBS = pa.schema(
         pa.field("error_message", pa.string()),
         pa.field("wall_time_s", pa.float64()),
         pa.field("host", pa.string()),
+        pa.field("device", pa.string()),  # cpu | cuda:0 (NVIDIA H200): where the model ran
         *_PROVENANCE,
     ]
 )

@@ -107,6 +107,7 @@ def _run_job(
         "settings_hash": settings.full_hash(),
         "attempt": attempt,
         "host": _host(),
+        "device": "cpu",
     }
     start = time.perf_counter()
     try:

@@ -1,7 +1,8 @@
 """Stage II (FAM screen) as Prefect work: batched relax + elastic, cached, every outcome recorded.
 
 - :func:`fam_batch` is the compute task: it relaxes and labels a batch of structures with one
-  foundation model and returns one :class:`core.fam.FamOutcome` per structure. It is cached on
+  foundation model (batched on the worker's device, :func:`core.fam.fam_outcomes`) and returns
+  one :class:`core.fam.FamOutcome` per structure. It is cached on
   its inputs (structure rows, model, settings) and its source, with results persisted in the
   lake, so a rerun recomputes nothing. A structure that breaks the calculator comes back as an
   outcome with an error; it never fails the batch.
@@ -23,14 +24,15 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
+from core.device import device_label, resolve_device
 from core.fam import (
     FamOutcome,
     FamSettings,
     FamUnavailableError,
+    calculator_device,
     fam_calculator,
-    fam_outcome,
+    fam_outcomes,
     mace_mp_checkpoint,
-    relax_all,
     set_torch_threads,
     verdict,
 )
@@ -47,10 +49,10 @@ ELASTIC_PROPERTIES = ("k_vrh", "g_vrh", "k_voigt", "k_reuss", "g_voigt", "g_reus
 
 
 @functools.cache
-def _loaded(model: str, dtype: str) -> tuple[Any, str]:
-    """One calculator per (model, dtype) per worker process: loading a FAM takes seconds."""
+def _loaded(model: str, dtype: str, device: str) -> tuple[Any, str]:
+    """One calculator per (model, dtype, device) per worker process: loading a FAM takes seconds."""
     set_torch_threads()
-    return fam_calculator(model, dtype=dtype)
+    return fam_calculator(model, device=device, dtype=dtype)
 
 
 def resolve_model(model: str) -> str:
@@ -75,16 +77,14 @@ def fam_batch(rows: list[dict[str, Any]], model: str, settings: FamSettings) -> 
     and ``host``. Failures of single structures are outcomes with ``error_class`` set.
     """
     logger = run_logger()
-    calc, model_name = _loaded(model, settings.dtype)
-    atoms = [to_atoms(from_row(r)) for r in rows]
+    calc, model_name = _loaded(model, settings.dtype, str(resolve_device()))
+    device = device_label(calculator_device(calc))
+    logger.info("stage II: %d structures with %s on %s", len(rows), model_name, device)
     t0 = time.perf_counter()
-    relaxed = relax_all(atoms, calc, settings)
-    batch_relax_s = (time.perf_counter() - t0) / max(1, len(rows))  # batched relax time, shared evenly
+    outcomes = fam_outcomes([to_atoms(from_row(r)) for r in rows], calc, model_name, settings, progress=logger.info)
+    wall = (time.perf_counter() - t0) / max(1, len(rows))  # batched work, shared evenly
     out = []
-    for i, (row, a, r) in enumerate(zip(rows, atoms, relaxed, strict=True), 1):
-        t1 = time.perf_counter()
-        outcome = fam_outcome(a, calc, model_name, settings, relaxed=r)
-        wall = time.perf_counter() - t1 + (batch_relax_s if r is not None else 0.0)
+    for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True), 1):
         k = outcome.elastic.k_vrh if outcome.elastic else None
         logger.info(
             "fam %d/%d %s %s: %s",
@@ -100,6 +100,7 @@ def fam_batch(rows: list[dict[str, Any]], model: str, settings: FamSettings) -> 
                 "outcome": outcome.model_dump(mode="json"),
                 "wall_time_s": wall,
                 "host": socket.gethostname(),
+                "device": device,
             }
         )
     return out
@@ -163,6 +164,7 @@ def _job_row(sid: str, result: dict[str, Any], settings: FamSettings, shash: str
         "error_message": outcome.error,
         "wall_time_s": result["wall_time_s"],
         "host": result["host"],
+        "device": result.get("device"),
     }
 
 

@@ -73,11 +73,12 @@ def test_screen_flow_stage_two_end_to_end(lake, tmp_path: Path, prefect_server) 
 
     props = lake.query("SELECT name, method, settings_hash FROM properties WHERE structure_id = ?", [ids["Cu"]])
     names = set(props.column("name").to_pylist())
-    assert {"k_vrh", "g_vrh", "eos_k", "elastic_tensor", "energy_per_atom"} <= names
+    assert {"k_vrh", "g_vrh", "elastic_tensor", "energy_per_atom"} <= names
     assert set(props.column("method").to_pylist()) == {f"fam:{cu['fam_model']}"}
     jobs = {r["structure_id"]: r for r in lake.read("jobs").to_pylist()}
     assert jobs[ids["W"]]["state"] == "failed" and jobs[ids["W"]]["error_class"] == "unknown_element"
     assert jobs[ids["Cu"]]["state"] == "completed" and jobs[ids["Cu"]]["wall_time_s"] > 0
+    assert {j["device"] for j in jobs.values()} == {"cpu"}  # where the model ran, on every job row
     relaxed = lake.query("SELECT parent_ids FROM structures WHERE source = 'fam-relaxed'").column("parent_ids")
     assert sorted(p[0] for p in relaxed.to_pylist()) == sorted([ids["Cu"], ids["CuAl"]])
 

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import scatter
 from tqdm.auto import tqdm
 
+from core.device import resolve_device
 from core.generator.base import Generator, SampleBatch
 from core.generator.configs import CDVAEConfig
 from core.structures import symmetrize
@@ -532,10 +533,6 @@ class LatentPrior(nn.Module):
 
 
 # ---------------------------------------------------------------- the generator
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 class CDVAEGenerator(Generator):
     """The conditional crystal VAE behind the ``Generator`` interface."""
 
@@ -543,7 +540,7 @@ class CDVAEGenerator(Generator):
 
     def __init__(self, config: CDVAEConfig, device: str | None = None) -> None:
         self.config = config
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.vocab: list[str] = []
         self.vae: CDVAE | None = None
         self.prior: LatentPrior | None = None
