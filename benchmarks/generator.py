@@ -173,6 +173,7 @@ def target_rows(
                 "uniqueness": quality.uniqueness,
                 "novelty": quality.novelty,
                 "samples_per_s": len(batch) / seconds,
+                "valid_per_s": sum(p is None for p in batch.problems or []) / seconds,
             }
         )
         print(_line(rows[-1], TARGET_COLUMNS), flush=True)
@@ -230,6 +231,7 @@ TARGET_COLUMNS = (
     ("novelty", "novel", "{:.3f}"),
     ("draws_per_sample", "draws/sample", "{:.2f}"),
     ("samples_per_s", "samples/s", "{:.0f}"),
+    ("valid_per_s", "valid/s", "{:.0f}"),
 )
 
 

@@ -2,7 +2,8 @@
 
 Three process-type pools: ``gpu`` (train, generate, screen), ``hpc`` (label: the worker runs on
 the cluster's login node and fans DFT out as SLURM jobs through Dask) and ``default`` (the loop).
-Each template is Prefect's process template with environment defaults for its machines; the
+Each template is Prefect's process template with environment defaults for its machines (``gpu``:
+``MATLOOP_DEVICE=auto``, so every model takes the GPU where the worker has one); the
 ``hpc`` one carries the SLURM settings (``MATLOOP_SLURM_*``) that the label flow reads.
 
     python -m deployments.pools write    # regenerate the JSON templates from Prefect's default
@@ -19,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 POOLS: dict[str, dict[str, str]] = {
-    "gpu": {"OMP_NUM_THREADS": "4", "PYTHONUNBUFFERED": "1"},
+    "gpu": {"OMP_NUM_THREADS": "4", "PYTHONUNBUFFERED": "1", "MATLOOP_DEVICE": "auto"},
     "hpc": {
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",

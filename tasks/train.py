@@ -17,6 +17,7 @@ import numpy as np
 
 from core import plots
 from core.cgcnn import CGCNNConfig, Ensemble, evaluate, train_ensemble
+from core.device import device_label
 from core.graphs import GraphCache
 from core.settings import get_settings
 from storage.lake import Lake
@@ -99,7 +100,7 @@ def train_predictor(
             "fine-tuning %s (%d loop labels weighted %g)", parent_model_id, int((weights != 1).sum()), new_label_weight
         )
     ensemble = train_ensemble(data["train"], data["val"], cfg, parent=parent, weights=weights, log=logger.info)
-    metrics: dict[str, Any] = dict(ensemble.metrics)
+    metrics: dict[str, Any] = {**ensemble.metrics, "device": device_label(ensemble.device)}
     for split in ("val", "test"):
         if by_split[split]:
             metrics[split] = evaluate(ensemble, *data[split])

@@ -24,6 +24,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from pymatgen.core import Structure
 
+from core.device import device_label
 from core.generator import CDVAEConfig, CDVAEGenerator, get_config, load_generator
 from core.provenance import settings_hash
 from core.structures import from_row
@@ -159,6 +160,7 @@ def train_generator(
     else:
         generator = CDVAEGenerator(config)
         metrics = generator.train(data.structures(), data.k_vrh, weights=data.weights)
+    metrics = {**metrics, "device": device_label(generator.device)}
     logger.info("generator trained: %s", metrics)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = generator.save(Path(tmp) / "generator.pt")

@@ -163,7 +163,7 @@ def test_train_flow_registers_caches_and_plots(
     record = get_model(lake, model_id)
     assert record.kind == "cgcnn" and record.data_hash and len(record.data_snapshot) > 50
     assert 0 < record.metrics["test"]["ensemble"]["mae_log10"] < 1.0
-    assert len(record.metrics["test"]["members"]) == 2
+    assert len(record.metrics["test"]["members"]) == 2 and record.metrics["device"] == "cpu"
     assert (Path(lake.path("figures")) / f"parity-{model_id}.png").stat().st_size > 1000
     assert Ensemble.load(checkpoint_path(lake, record), expected=get_config("small")).config.n_models == 2
     artifact = Artifact.get("predictor-metrics")

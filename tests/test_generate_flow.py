@@ -106,7 +106,7 @@ def test_train_generator_registers_and_is_cached(seeded_lake, prefect_server):
     record = latest_model(seeded_lake, GENERATOR_KIND)
     assert record.model_id == model_id and record.config["name"] == "small"
     assert record.data_hash == training_set(seeded_lake.url).data_hash
-    assert record.metrics["n_train"] == len(record.data_snapshot)
+    assert record.metrics["n_train"] == len(record.data_snapshot) and record.metrics["device"] == "cpu"
     assert train_generator(seeded_lake.url, "small") == model_id  # unchanged data, config, code: no retraining
     assert seeded_lake.query("SELECT count(*) AS n FROM models_history").to_pylist()[0]["n"] == 1
 

@@ -292,3 +292,33 @@ def test_metrics_validity_uniqueness_novelty_match_rate_mape():
     summary = metrics.generation_metrics([w, w_shifted, overlapping], reference=[mo])
     assert (summary.n, summary.n_valid, summary.uniqueness, summary.novelty) == (3, 2, 0.5, 1.0)
     assert structure_id(w) == structure_id(w_shifted)
+
+
+def test_batched_validity_gives_the_per_structure_verdicts(shared_data: Path):
+    """The tensor-batched check (what sample() runs on the model's device) says exactly what sample_problem says."""
+    rng = np.random.default_rng(3)
+    structures = [Structure.from_dict(r["structure"]) for r in metallic_records(shared_data, 60)]
+    for _ in range(150):  # random cells: slivers, overlaps, huge and tiny volumes, and valid ones
+        n = int(rng.integers(1, 10))
+        cell = rng.normal(size=(3, 3)) * rng.uniform(1, 5) + np.eye(3) * rng.uniform(0, 4)
+        structures.append(Structure(Lattice(cell), ["Cu"] * n, rng.uniform(size=(n, 3))))
+    structures += [
+        Structure(Lattice.cubic(3.0), ["Cu", "Ni"], [[0, 0, 0], [0.05, 0, 0]]),  # overlapping across no boundary
+        Structure(Lattice.cubic(3.0), ["Cu", "Ni"], [[0.01, 0, 0], [0.99, 0, 0]]),  # overlapping across one
+        Structure(Lattice(np.diag([3.0, 3.0, 0.3])), ["Cu"], [[0, 0, 0]]),  # sliver
+        Structure(Lattice.cubic(30.0), ["Cu"], [[0, 0, 0]]),  # 27,000 Å^3 per atom
+        Structure(Lattice.cubic(0.8), ["Cu"], [[0, 0, 0]]),
+        Structure(Lattice.cubic(3.0), ["Cu"], [[np.nan, 0, 0]]),
+    ]
+    expected = [metrics.sample_problem(s) for s in structures]
+    batched = metrics.validity_problems(structures)
+    assert batched == expected
+    assert 0 < sum(p is None for p in expected) < len(expected)
+    assert {p.split()[0] for p in expected if p} >= {"sliver", "atoms", "volume", "non-finite"}
+
+
+def test_samples_carry_their_validity_and_keep_best_uses_it(trained):
+    batch = trained.sample([200.0], 40, seed=5)
+    assert batch.problems == metrics.validity_problems(batch.structures)
+    poisoned = SampleBatch(batch.structures, batch.targets, batch.scores, ["flagged"] * len(batch))
+    assert len(keep_best(poisoned, 5)) == 0  # the recorded verdicts decide, not a re-check

@@ -29,10 +29,14 @@ class SampleBatch:
     structures: list[Structure]
     targets: np.ndarray
     scores: np.ndarray
+    problems: list[str | None] | None = None
+    """Why each sample is invalid (``core.metrics.validity_problems``), None where valid; None if not checked."""
 
     def __post_init__(self) -> None:
         if not len(self.structures) == len(self.targets) == len(self.scores):
             raise ValueError("structures, targets and scores must have the same length")
+        if self.problems is not None and len(self.problems) != len(self.structures):
+            raise ValueError("problems must have one entry per structure")
 
     def __len__(self) -> int:
         return len(self.structures)
@@ -40,7 +44,8 @@ class SampleBatch:
     def take(self, indices: Sequence[int]) -> SampleBatch:
         """The samples at ``indices``, in that order."""
         idx = np.asarray(indices, dtype=int)
-        return SampleBatch([self.structures[i] for i in idx], self.targets[idx], self.scores[idx])
+        problems = None if self.problems is None else [self.problems[i] for i in idx]
+        return SampleBatch([self.structures[i] for i in idx], self.targets[idx], self.scores[idx], problems)
 
 
 class Generator(ABC):
@@ -114,9 +119,9 @@ def keep_best(
     """Per target, the ``n_kept`` valid, distinct structures whose score is closest (relatively) to the target.
 
     Samples are ranked by |score - target| / target and taken from the top while skipping invalid
-    structures (``core.metrics.sample_problem``) and duplicates (same ``structure_id``), so only the few
-    structures that can be kept are checked. A target may get fewer than ``n_kept`` if too few
-    samples are valid and distinct. ``with_index`` also returns the kept samples' indices in ``batch``.
+    structures (``batch.problems``, else ``core.metrics.sample_problem``) and duplicates (same
+    ``structure_id``). A target may get fewer than ``n_kept`` if too few samples are valid and
+    distinct. ``with_index`` also returns the kept samples' indices in ``batch``.
     """
     if n_kept < 1:
         raise ValueError("n_kept must be at least 1")
@@ -127,7 +132,7 @@ def keep_best(
         seen: set[str] = set()
         for i in idx[np.argsort(err, kind="stable")]:
             s = batch.structures[i]
-            if sample_problem(s) is not None:
+            if (batch.problems[i] if batch.problems is not None else sample_problem(s)) is not None:
                 continue
             sid = structure_id(s)
             if sid in seen:

@@ -75,6 +75,7 @@ from tqdm.auto import tqdm
 from core.device import resolve_device
 from core.generator.base import Generator, SampleBatch
 from core.generator.configs import CDVAEConfig
+from core.metrics import validity_problems
 from core.structures import symmetrize
 
 CHECKPOINT_FORMAT = 3
@@ -797,7 +798,8 @@ class CDVAEGenerator(Generator):
         scores = np.concatenate(
             [self.score(structures[i : i + c.sample_batch]) for i in range(0, len(structures), c.sample_batch)]
         )
-        return SampleBatch(structures, k_all.cpu().numpy().astype(float), scores)
+        problems = validity_problems(structures, device=str(self.device))  # batched on the model's device
+        return SampleBatch(structures, k_all.cpu().numpy().astype(float), scores, problems)
 
     def with_sampling(self, **options: Any) -> CDVAEGenerator:
         """The same trained model sampling with other ``CDVAEConfig.SAMPLING`` options (guidance, symprec, ...).
