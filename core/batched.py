@@ -162,9 +162,11 @@ def _single_points(model: Any, cells: list[Atoms]) -> list[SinglePoint | Failure
 
 # ---------- relaxation ----------
 def relax_cells(
-    model: Any, cells: Sequence[Atoms], fmax: float, steps: int, *, cell: bool = True
+    model: Any, cells: Sequence[Atoms], fmax: float, steps: int, *, cell: bool = True, dt_start: float = 0.1
 ) -> list[RelaxResult | Failure]:
     """Relax positions (and the cell if ``cell``, with Frechet-cell FIRE) of every cell, batched.
+
+    ``dt_start`` is FIRE's first time step (ASE's default 0.1; the step length stays capped at 0.2 Å).
 
     Each structure leaves the batch when its largest force (and cell force) is below ``fmax``
     eV/Å, when it has taken ``steps`` steps (``converged=False``), or when its results turn
@@ -174,17 +176,19 @@ def relax_cells(
         raise ValueError("fmax must be positive and steps non-negative")
     out: list[RelaxResult | Failure] = [Failure("not relaxed")] * len(cells)
     for group in chunks(cells, _max_atoms(model)):
-        run = lambda c: _relax_group(model, c, fmax, steps, cell)  # noqa: E731
+        run = lambda c: _relax_group(model, c, fmax, steps, cell, dt_start)  # noqa: E731
         for i, r in zip(group, isolating(run, [cells[i] for i in group]), strict=True):
             out[i] = r
     return out
 
 
-def _relax_group(model: Any, cells: list[Atoms], fmax: float, steps: int, cell: bool) -> list[RelaxResult | Failure]:
+def _relax_group(
+    model: Any, cells: list[Atoms], fmax: float, steps: int, cell: bool, dt_start: float
+) -> list[RelaxResult | Failure]:
     import torch_sim as ts
     from torch_sim.optimizers import fire
 
-    init_fn, update_fn = (ts.frechet_cell_fire if cell else fire)(model=model)
+    init_fn, update_fn = (ts.frechet_cell_fire if cell else fire)(model=model, dt_start=dt_start)
     converged_fn = ts.generate_force_convergence_fn(force_tol=fmax, include_cell_forces=cell)
     state = init_fn(_state(model, cells))
     remaining = list(range(len(cells)))  # original index of each system still in the batch
@@ -214,13 +218,16 @@ def _relax_result(single: Any, converged: bool, n_steps: int) -> RelaxResult | F
 
     atoms = ts.io.state_to_atoms(single)[0]
     atoms.calc = None
-    forces = single.forces.detach().cpu().numpy()
+    forces = single.forces.detach().cpu().numpy().astype(float)
     if not np.isfinite(atoms.cell[:]).all() or not np.isfinite(atoms.positions).all():
         return Failure("unphysical: the relaxed cell or positions are non-finite")
+    stress = getattr(single, "stress", None)
     return RelaxResult(
         atoms=atoms,
         converged=converged,
         n_steps=n_steps,
         energy=float(single.energy.detach().cpu().numpy().reshape(-1)[0]),
         max_force=float(np.linalg.norm(forces, axis=1).max()) if len(forces) else 0.0,
+        forces=forces,
+        stress=None if stress is None else stress.detach().cpu().numpy().reshape(3, 3).astype(float),
     )

@@ -379,63 +379,76 @@ def fit(
 # ---------- relaxed-ion constants by linear response ----------
 @dataclass(frozen=True)
 class DisplacementPlan:
-    """Which atoms of a cell to displace for its force constants, and how the rest follow by symmetry.
+    """Which atoms of a cell to displace, along which directions, and how the rest follow by symmetry.
 
-    ``displaced`` lists the representative atoms (one per symmetry orbit, each moved along x, y
-    and z); for every atom j, ``images[j]`` is (k, R, perm): a space-group operation with
-    Cartesian rotation R that takes representative k to j and atom i to ``perm[i]``.
+    ``displaced`` holds (atom, unit direction) pairs: one representative atom per symmetry orbit,
+    moved along as few of x, y, z as its site symmetry needs to span all three (one for a cubic
+    site). ``site_ops[k]`` are the (R, perm) operations that leave representative k in place;
+    ``images[j]`` is (k, R, perm): an operation with Cartesian rotation R that takes
+    representative k to atom j and atom i to ``perm[i]``.
     """
 
-    displaced: tuple[int, ...]
+    displaced: tuple[tuple[int, np.ndarray], ...]
     images: tuple[tuple[int, np.ndarray, np.ndarray], ...] = field(repr=False)
+    site_ops: dict[int, tuple[tuple[np.ndarray, np.ndarray], ...]] = field(repr=False)
 
 
-def displacement_plan(reference: Atoms, symprec: float) -> DisplacementPlan:
-    """One representative atom per symmetry orbit of ``reference`` (all atoms when it has no symmetry)."""
+def _space_group_ops(reference: Atoms, symprec: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(Cartesian rotation, atom permutation) of each space-group operation of the cell."""
     frac = reference.get_scaled_positions()
     numbers = reference.get_atomic_numbers()
     lattice = np.asarray(reference.cell[:])
     sym = spglib.get_symmetry((lattice, frac, numbers), symprec=symprec)
-    ops = (
-        [(np.eye(3, dtype=int), np.zeros(3))]
-        if sym is None
-        else list(zip(sym["rotations"], sym["translations"], strict=True))
-    )
-    n = len(reference)
+    raw = [(np.eye(3), np.zeros(3))] if sym is None else zip(sym["rotations"], sym["translations"], strict=True)
     tol = max(symprec / min(np.linalg.norm(lattice, axis=1)), 1e-5) * 10
-    images: list[tuple[int, np.ndarray, np.ndarray] | None] = [None] * n
-    displaced: list[int] = []
-    for k in range(n):
+    ops = []
+    for w, t in raw:
+        delta = (frac @ np.asarray(w, dtype=float).T + t)[:, None, :] - frac[None, :, :]
+        delta -= np.round(delta)
+        match = (np.abs(delta).max(axis=2) < tol) & (numbers[:, None] == numbers[None, :])
+        if not match.any(axis=1).all():
+            continue  # not a clean permutation at this tolerance: skip the operation
+        u, _, vt = np.linalg.svd(lattice.T @ np.asarray(w, dtype=float) @ np.linalg.inv(lattice.T))
+        ops.append((u @ vt, match.argmax(axis=1)))
+    return ops
+
+
+def displacement_plan(reference: Atoms, symprec: float) -> DisplacementPlan:
+    """Representatives and directions to displace for ``reference``'s force constants (all of them without symmetry)."""
+    ops = _space_group_ops(reference, symprec)
+    images: list[tuple[int, np.ndarray, np.ndarray] | None] = [None] * len(reference)
+    displaced: list[tuple[int, np.ndarray]] = []
+    site_ops: dict[int, tuple[tuple[np.ndarray, np.ndarray], ...]] = {}
+    for k in range(len(reference)):
         if images[k] is not None:
             continue
-        displaced.append(k)
-        for w, t in ops:
-            moved = frac @ np.asarray(w).T + t
-            delta = moved[:, None, :] - frac[None, :, :]
-            delta -= np.round(delta)
-            match = (np.abs(delta).max(axis=2) < tol) & (numbers[:, None] == numbers[None, :])
-            if not match.any(axis=1).all():
-                continue  # not a clean permutation at this tolerance: skip the operation
-            perm = match.argmax(axis=1)
-            j = int(perm[k])
-            if images[j] is None:
-                r = lattice.T @ np.asarray(w, dtype=float) @ np.linalg.inv(lattice.T)
-                u, _, vt = np.linalg.svd(r)
-                images[j] = (k, u @ vt, perm)
-    return DisplacementPlan(tuple(displaced), tuple(images))  # type: ignore[arg-type]
+        for rot, perm in ops:
+            if images[int(perm[k])] is None:
+                images[int(perm[k])] = (k, rot, perm)
+        site_ops[k] = tuple((rot, perm) for rot, perm in ops if perm[k] == k)
+        spanned: list[np.ndarray] = []
+        for axis in np.eye(3):
+            images_of_axis = [rot @ axis for rot, _ in site_ops[k]]
+            if np.linalg.matrix_rank(np.array(spanned + images_of_axis), tol=1e-6) > np.linalg.matrix_rank(
+                np.array(spanned or [np.zeros(3)]), tol=1e-6
+            ):
+                displaced.append((k, axis))
+                spanned += images_of_axis
+            if np.linalg.matrix_rank(np.array(spanned), tol=1e-6) == 3:
+                break
+    return DisplacementPlan(tuple(displaced), tuple(images), site_ops)  # type: ignore[arg-type]
 
 
 def displaced_cells(reference: Atoms, plan: DisplacementPlan, step: float) -> list[Atoms]:
-    """The reference cell with one representative atom moved ``step`` Å along x, y or z, in plan order."""
+    """The reference cell with one representative atom moved ``step`` Å along a planned direction, in plan order."""
     if step <= 0:
         raise ValueError("the displacement step must be positive")
     cells = []
-    for k in plan.displaced:
-        for axis in range(3):
-            cell = reference.copy()
-            cell.calc = None
-            cell.positions[k, axis] += step
-            cells.append(cell)
+    for k, direction in plan.displaced:
+        cell = reference.copy()
+        cell.calc = None
+        cell.positions[k] += step * direction
+        cells.append(cell)
     return cells
 
 
@@ -469,16 +482,14 @@ class IonResponse:
         """Build from the reference's (forces, stress) and those of :func:`displaced_cells`, in plan order."""
         f0 = np.asarray(reference_forces, dtype=float)
         n = len(f0)
-        if len(displaced) != 3 * len(plan.displaced):
-            raise ValueError(f"the plan needs {3 * len(plan.displaced)} displaced cells, got {len(displaced)}")
-        block: dict[
-            int, tuple[np.ndarray, np.ndarray]
-        ] = {}  # representative -> Phi[:, :, k] (n,3,3), dsigma/du_k (3,3,3)
-        for r, k in enumerate(plan.displaced):
-            cols = displaced[3 * r : 3 * r + 3]
-            phi_k = np.stack([-(np.asarray(f, dtype=float) - f0) / step for f, _ in cols], axis=2)
-            grad_k = np.stack([(np.asarray(s, dtype=float) - reference_stress) / step for _, s in cols], axis=0)
-            block[k] = (phi_k, grad_k)
+        if len(displaced) != len(plan.displaced):
+            raise ValueError(f"the plan needs {len(plan.displaced)} displaced cells, got {len(displaced)}")
+        measured: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for (k, direction), (forces, stress) in zip(plan.displaced, displaced, strict=True):
+            response = -(np.asarray(forces, dtype=float) - f0) / step  # Phi[i, :, k, :] @ direction, per atom i
+            d_stress = (np.asarray(stress, dtype=float) - reference_stress) / step
+            measured.setdefault(k, []).append((direction, response, d_stress))
+        block = {k: _site_block(n, plan.site_ops[k], rows) for k, rows in measured.items()}
         phi = np.zeros((n, 3, n, 3))
         grad = np.zeros((n, 3, 3, 3))
         for j, (k, rot, perm) in enumerate(plan.images):
@@ -501,6 +512,32 @@ class IonResponse:
         d_f = (np.asarray(forces, dtype=float) - self.reference_forces).ravel()
         u = self.hessian_pinv @ d_f
         return np.asarray(stress, dtype=float) + np.tensordot(u, self.stress_gradient, axes=1), energy - 0.5 * d_f @ u
+
+
+def _site_block(
+    n: int,
+    site_ops: Sequence[tuple[np.ndarray, np.ndarray]],
+    rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Phi[:, :, k, :] (n, 3, 3) and dsigma/du_k (3, 3, 3) of one representative atom k, by least squares.
+
+    Each measured (direction d, force response r, stress response s) also stands, under every
+    operation (R, perm) that keeps k in place, for the direction R d with response R r[i] on atom
+    perm[i] and stress response R s R^T; together they span all three directions.
+    """
+    dirs, forces, stresses = [], [], []
+    for direction, response, d_stress in rows:
+        for rot, perm in site_ops:
+            dirs.append(rot @ direction)
+            image = np.empty_like(response)
+            image[perm] = response @ rot.T
+            forces.append(image)
+            stresses.append(rot @ d_stress @ rot.T)
+    v = np.array(dirs)  # (m, 3)
+    pinv = np.linalg.pinv(v)  # (3, m)
+    phi_k = np.einsum("bm,mia->iab", pinv, np.array(forces))  # Phi[i, a, k, b]
+    grad_k = np.einsum("bm,mij->bij", pinv, np.array(stresses))
+    return phi_k, grad_k
 
 
 # ---------- in-process convenience ----------

@@ -39,6 +39,10 @@ class RelaxResult:
     """eV per cell, at the final geometry."""
     max_force: float
     """eV/Å, largest atomic force at the final geometry."""
+    forces: np.ndarray | None = field(default=None, repr=False)
+    """eV/Å (n x 3) at the final geometry, where the optimizer kept them (the batched one does)."""
+    stress: np.ndarray | None = field(default=None, repr=False)
+    """eV/Å^3 (3 x 3, positive in tension) at the final geometry, where the optimizer kept it."""
 
 
 def _check(atoms: Atoms) -> None:

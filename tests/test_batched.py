@@ -60,9 +60,14 @@ def test_ion_response_matches_an_explicit_relaxation() -> None:
     """
     ref = reference_cell(_hcp_ni(), ElasticSettings())
     n = len(ref)
-    full = DisplacementPlan(tuple(range(n)), tuple((j, np.eye(3), np.arange(n)) for j in range(n)))
+    identity = (np.eye(3), np.arange(n))
+    full = DisplacementPlan(
+        tuple((k, axis) for k in range(n) for axis in np.eye(3)),
+        tuple((j, *identity) for j in range(n)),
+        {k: (identity,) for k in range(n)},
+    )
     reduced = displacement_plan(ref, 1e-3)
-    assert len(reduced.displaced) < n  # the two hcp atoms are one orbit
+    assert len(reduced.displaced) == 2  # one orbit of two atoms; its -6m2 site needs x and z only
     slopes: dict[str, np.ndarray] = {}
     responses = {"full": _response(ref, full), "reduced": _response(ref, reduced)}
     for sign in (1, -1):
@@ -158,6 +163,16 @@ def test_non_finite_and_raising_cells_are_failures_with_reasons(tiny) -> None:
     assert isinstance(relaxed[1], Failure) and relaxed[0].n_steps is not None and relaxed[2].energy < 0
 
 
+def test_site_symmetry_cuts_the_displacements() -> None:
+    """A cubic site needs one displacement, a general one three; and the plan covers every atom."""
+    b2 = bulk("CuAl", "cesiumchloride", a=3.0)
+    plan = displacement_plan(b2, 1e-3)
+    assert [k for k, _ in plan.displaced] == [0, 1] and all(img is not None for img in plan.images)
+    rattled = bulk("Cu", "fcc", a=3.6, cubic=True)
+    rattled.rattle(0.05, seed=1)
+    assert len(displacement_plan(rattled, 1e-3).displaced) == 3 * len(rattled)
+
+
 def test_chunks_keep_calls_small() -> None:
     cells = [bulk("Cu", "fcc", a=3.6, cubic=True)] * 10  # 4 atoms each
     groups = chunks(cells, 10)
@@ -200,3 +215,16 @@ def test_stage_two_elastic_by_sevennet_needs_no_relaxation_per_strain() -> None:
     batched = fam.elastic_batch(torchsim_model(calc), [cell], settings)[0]
     one = elastic_constants(cell, calc, settings.model_copy(update={"ion_fmax": 5e-4, "ion_steps": 500}))
     assert batched.k_vrh == pytest.approx(one.k_vrh, abs=1.0) and batched.g_vrh == pytest.approx(one.g_vrh, abs=1.0)
+
+
+def test_a_known_reference_point_in_another_frame_gives_the_same_tensor(tiny) -> None:
+    """elastic_batch reuses a relaxation's last single point, rotated into the crystal's standard frame."""
+    model = torchsim_model(tiny[0])
+    cell = bulk("Cu", "hcp", a=2.6, c=4.2)
+    cell.rotate(23, "z", rotate_cell=True)  # not in standard orientation
+    cell.rotate(11, "x", rotate_cell=True)
+    point = single_points(model, [cell])[0]
+    settings = FamSettings().elastic
+    fresh = fam.elastic_batch(model, [cell], settings)[0]
+    reused = fam.elastic_batch(model, [cell], settings, known=[point])[0]
+    assert np.allclose(fresh.c_voigt, reused.c_voigt, atol=1e-6) and fresh.k_vrh == pytest.approx(reused.k_vrh)
