@@ -45,7 +45,7 @@ CHECKPOINT_FORMAT = "matloop-cgcnn/1"
 class CGCNNConfig(BaseModel):
     """Architecture and training settings of a CGCNN ensemble (``CONFIGS`` holds the named ones)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     graph: GraphConfig = GraphConfig()
     atom_hidden: int = Field(64, ge=1, description="width of the site features in the convolutions")

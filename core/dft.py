@@ -55,7 +55,7 @@ class DftSettings(BaseModel):
     with the same code path for smoke tests and fault-injection benchmarks.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     code: Code = "gpaw"
     xc: str = "PBE"
@@ -183,7 +183,7 @@ def resolve(settings: DftSettings, reference: Atoms) -> DftSettings:
 class EscalationStep(BaseModel):
     """One retry change: set some fields to values and/or multiply numeric fields by factors."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     name: str
     set: dict[str, Any] = Field(default_factory=dict)

@@ -53,7 +53,7 @@ StressEnergy = tuple[np.ndarray | Sequence[Sequence[float]] | None, float | None
 class ElasticSettings(BaseModel):
     """How the elastic tensor and the EOS bulk modulus are computed. Part of every cache key and settings hash."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     strains: tuple[float, ...] = (-0.01, -0.005, 0.005, 0.01)
     """Magnitudes applied to each Voigt component (normal and engineering shear)."""

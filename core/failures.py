@@ -153,13 +153,18 @@ class FaultInjection(BaseModel):
     escalation, the others end failed, which is how the retry path is exercised end to end.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Share of jobs made to fail (0: none; testing only)."""
     failure: FailureClass = FailureClass.SCF_UNCONVERGED
+    """The failure class the picked jobs raise."""
     seed: int = 0
+    """Seed of the hash that picks the jobs."""
     min_failed_attempts: Annotated[int, Field(ge=1)] = 1
+    """Fewest failing attempts of a picked job."""
     max_failed_attempts: Annotated[int, Field(ge=1)] = 1
+    """Most failing attempts of a picked job (above max_attempts: the job ends failed)."""
     only: str = ""
     """Inject only into jobs whose calculation label starts with this (``relax``, ``strain:``, ``eos:``)."""
 

@@ -70,20 +70,25 @@ class FamUnavailableError(RuntimeError):
 class FamSettings(BaseModel):
     """Stage-II settings: relaxation, structure matching and the elastic calculation. Hashed into every cache key."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     fmax: float = Field(0.05, gt=0)
     """eV/Å: relaxation force threshold (cell forces included)."""
     steps: int = Field(300, ge=1)
+    """Relaxation step limit; a structure still above fmax after it is rejected as unconverged."""
     optimizer: Literal["FIRE", "BFGS"] = "FIRE"
+    """Optimizer of the one-at-a-time (ASE) path; the batched path always uses FIRE."""
     fire_dt_start: float = Field(0.3, gt=0, le=1.0)
     """First FIRE time step of the batched relaxation: 0.3 takes 30 % fewer steps than ASE's 0.1 to the
     same fmax, from relaxed and from rattled cells alike (FIRE still caps each step at 0.2 Å)."""
     batched: bool = True
     """Relax, strain and evaluate whole batches of structures per model call (torch-sim), not one at a time (ASE)."""
     ltol: float = 0.2
+    """StructureMatcher fractional length tolerance: does the relaxed structure still match the input?"""
     stol: float = 0.3
+    """StructureMatcher site tolerance (in units of (V/n)^(1/3))."""
     angle_tol: float = 5.0
+    """StructureMatcher angle tolerance, degrees."""
     elastic: ElasticSettings = ElasticSettings(strains=(-0.01, 0.01), eos_strains=(), ion_fmax=1e-3)
     """Central differences at ±1 % and no EOS cross-check: the fewest cells that give the full tensor
     (the DFT stage keeps the four-point fit and the EOS). Ions are relaxed wherever a strain moves

@@ -40,7 +40,7 @@ _TIE_TOLERANCE = 1e-3
 class GraphConfig(BaseModel):
     """How a structure becomes a graph. Part of a model's architecture: change it and retrain."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     cutoff: float = Field(8.0, gt=0, description="neighbour search radius, Å")
     max_neighbors: int = Field(12, ge=1, description="nearest neighbours kept per site (ties kept too)")

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class MatloopSettings(BaseSettings):
     """Where the lake lives and where models and caches go. Override with MATLOOP_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="MATLOOP_")
+    model_config = SettingsConfigDict(env_prefix="MATLOOP_", use_attribute_docstrings=True)
 
     lake: str = "lake"
     """Lake root: a local path or any fsspec URL (s3://bucket/lake)."""

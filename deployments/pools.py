@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 POOLS: dict[str, dict[str, str]] = {
-    "gpu": {"OMP_NUM_THREADS": "4", "PYTHONUNBUFFERED": "1", "MATLOOP_DEVICE": "auto"},
+    "gpu": {"PYTHONUNBUFFERED": "1", "MATLOOP_DEVICE": "auto"},
     "hpc": {
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",

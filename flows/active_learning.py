@@ -47,11 +47,11 @@ DEPLOYMENTS = {
 class LoopParams(BaseModel):
     """Parameters of the active-learning loop (rendered as a form in the Prefect UI)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     lake_url: str | None = None
     """Lake root; default $MATLOOP_LAKE or ./lake."""
-    targets: list[float] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    targets: list[float] = list(DEFAULT_TARGETS)
     """Target K_vrh values, GPa."""
     focus_target: float = 350.0
     """The target the summary leads with."""
@@ -180,7 +180,11 @@ def _finished(lake: Lake, iteration: int, targets: list[float]) -> bool:
 
 @flow(name="active-learning", log_prints=True)
 def active_learning(params: LoopParams | None = None) -> list[dict[str, Any]]:
-    """Run the loop; returns the ``iterations`` rows written (or found) for each iteration."""
+    """Run the loop; returns the ``iterations`` rows written (or found) for each iteration.
+
+    Args:
+        params: Targets, iterations and every stage's settings; the defaults run the reference case.
+    """
     params = params or LoopParams()
     if params.focus_target not in params.targets:
         raise ValueError(f"focus_target {params.focus_target} is not one of the targets {params.targets}")

@@ -27,13 +27,13 @@ DEFAULT_TARGETS = (60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0)
 class GenerateParams(BaseModel):
     """Parameters of the generate flow (rendered as a form in the Prefect UI)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     lake_url: str | None = None
     """Lake root; default $MATLOOP_LAKE or ./lake."""
     iteration: int = Field(0, ge=0)
     """Active-learning iteration the candidates belong to."""
-    targets: list[float] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    targets: list[float] = list(DEFAULT_TARGETS)
     """Target K_vrh values, GPa."""
     samples_per_kept: int = Field(500, ge=1)
     """Samples drawn per kept candidate (keep the best 1/N by property-head score)."""
@@ -51,7 +51,11 @@ class GenerateParams(BaseModel):
 
 @flow(name="generate", log_prints=True)
 def generate(params: GenerateParams | None = None) -> dict[str, Any]:
-    """Generate and record candidates; returns the model id and per-target statistics."""
+    """Generate and record candidates; returns the model id and per-target statistics.
+
+    Args:
+        params: Targets, how many candidates to keep per target and how many samples to draw for each.
+    """
     params = params or GenerateParams()
     if any(t <= 0 for t in params.targets):
         raise ValueError(f"targets must be positive K_vrh values in GPa, got {params.targets}")

@@ -51,21 +51,25 @@ class SlurmOptions(BaseSettings):
     _CORES, _MEMORY, _WALLTIME, _PROLOGUE with one shell line per line); parameters override them.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MATLOOP_SLURM_")
+    model_config = SettingsConfigDict(env_prefix="MATLOOP_SLURM_", use_attribute_docstrings=True)
 
     partition: str | None = None
+    """SLURM partition (empty: the cluster's default)."""
     account: str | None = None
+    """SLURM account to charge (empty: the user's default)."""
     cores: int = Field(1, ge=1)
     """CPU cores per SLURM job (one Dask worker process per job runs one DFT job at a time)."""
     memory: str = "2GB"
+    """Memory per SLURM job, e.g. 2GB."""
     walltime: str = "01:00:00"
+    """Wall-time limit per SLURM job, HH:MM:SS."""
     max_jobs: int = Field(4, ge=1)
     """Most SLURM jobs at once (Dask adapts between 0 and this)."""
     job_script_prologue: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, validation_alias=AliasChoices("job_script_prologue", "MATLOOP_SLURM_PROLOGUE")
+        [], validation_alias=AliasChoices("job_script_prologue", "MATLOOP_SLURM_PROLOGUE")
     )
     """Shell lines run before the worker starts (module load, venv activation, ...)."""
-    job_extra_directives: list[str] = Field(default_factory=list)
+    job_extra_directives: list[str] = []
     """Extra ``#SBATCH`` lines, e.g. ``--qos=debug``."""
     log_directory: str | None = None
     """Where SLURM writes worker logs (default: the submit directory)."""
@@ -107,16 +111,18 @@ class SlurmOptions(BaseSettings):
 class LabelParams(BaseModel):
     """Parameters of the label flow (rendered as a form in the Prefect UI)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     iteration: int = 0
+    """Iteration whose fam_pass candidates are labeled."""
     lake_url: str | None = None
     """Lake root; default $MATLOOP_LAKE or ./lake."""
     preset: str = "test"
     """DFT preset (core.dft.PRESETS): test, gpaw-tight, vasp, qe (emt: a non-DFT stand-in for smoke tests)."""
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: dict[str, Any] = {}
     """Field overrides on the preset, e.g. {"ecut": 400}."""
     elastic: ElasticSettings = Field(default_factory=ElasticSettings)
+    """Strain set, symmetry reduction, ionic relaxation and EOS check of the DFT elastic tensor."""
     max_attempts: int = Field(3, ge=1, le=10)
     """Attempts per job, the first included; transient failures retry with escalated settings."""
     faults: FaultInjection = Field(default_factory=FaultInjection)
@@ -126,6 +132,7 @@ class LabelParams(BaseModel):
     workers: int = Field(1, ge=1)
     """Threads (local) or worker processes (dask) running DFT jobs at once."""
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
+    """SLURM job settings of the slurm runner (defaults from the hpc pool's MATLOOP_SLURM_* variables)."""
     limit: int | None = Field(None, ge=1)
     """Label at most this many structures in this run, those whose FAM K is closest to target first
     (the rest stay fam_pass for a later run)."""
@@ -415,7 +422,11 @@ def _fam_miss(candidates: list[dict[str, Any]]) -> float:
 
 @flow(name="label", log_prints=True)
 def label(params: LabelParams | None = None) -> list[StructureOutcome]:
-    """Stage III: label the candidates of ``params.iteration`` that passed the FAM screen (DFT, or the FAM's K)."""
+    """Stage III: label the candidates of ``params.iteration`` that passed the FAM screen (DFT, or the FAM's K).
+
+    Args:
+        params: The iteration, the DFT preset and overrides, retries, the runner and its SLURM settings.
+    """
     params = params or LabelParams()
     logger = get_run_logger()
     lake = Lake(params.lake_url)

@@ -22,13 +22,13 @@ Stage = Literal["gnn", "fam"]
 class ScreenParams(BaseModel):
     """Parameters of the screen flow (rendered as a form in the Prefect UI)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     iteration: int = Field(0, ge=0)
     """Active-learning iteration whose candidates are screened."""
     lake_url: str | None = None
     """Lake root; default $MATLOOP_LAKE or ./lake."""
-    stages: list[Stage] = Field(default_factory=lambda: ["gnn", "fam"])
+    stages: list[Stage] = ["gnn", "fam"]
     """Stages to run, in funnel order."""
     gnn_tolerance: float = Field(0.30, gt=0)
     """Stage I keeps candidates whose predicted K_vrh is within this fraction of the target."""
@@ -46,7 +46,11 @@ class ScreenParams(BaseModel):
 
 @flow(name="screen", log_prints=True)
 def screen(params: ScreenParams | None = None) -> dict[str, Any]:
-    """Run the requested stages for one iteration; returns each stage's counts keyed by stage name."""
+    """Run the requested stages for one iteration; returns each stage's counts keyed by stage name.
+
+    Args:
+        params: The iteration, the stages to run (gnn, fam) and each stage's tolerance and model.
+    """
     params = params or ScreenParams()
     if params.stages != sorted(set(params.stages), key=["gnn", "fam"].index):
         raise ValueError(f"stages must be distinct and in funnel order (gnn, fam), got {params.stages}")

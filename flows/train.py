@@ -26,15 +26,15 @@ What = Literal["predictor", "generator"]
 class TrainParams(BaseModel):
     """Parameters of the train flow (rendered as a form in the Prefect UI)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     lake_url: str | None = None
     """Lake root; default $MATLOOP_LAKE or ./lake."""
-    what: list[What] = Field(default_factory=lambda: ["predictor"])
+    what: list[What] = ["predictor"]
     """Models to train: "predictor" (CGCNN ensemble), "generator" (the conditional generator)."""
     predictor_config: str = "default"
     """Named CGCNN config (core.cgcnn.CONFIGS): default, small."""
-    predictor_overrides: dict[str, Any] = Field(default_factory=dict)
+    predictor_overrides: dict[str, Any] = {}
     """Field overrides on the named config, e.g. {"n_models": 2, "graph": {"cutoff": 6.0}}."""
     generator_config: str = "small"
     """Named generator config (the generator's own module defines the names)."""
@@ -88,7 +88,11 @@ def _train_generator(params: TrainParams, lake_url: str) -> str:
 
 @flow(name="train", log_prints=True)
 def train(params: TrainParams | None = None) -> dict[str, str]:
-    """Train the requested models; returns ``{"predictor": model_id, "generator": model_id}`` for those asked."""
+    """Train the requested models; returns ``{"predictor": model_id, "generator": model_id}`` for those asked.
+
+    Args:
+        params: Which models to train, their named configs, and whether to fine-tune registered ones.
+    """
     params = params or TrainParams()
     logger = get_run_logger()
     lake_url = Lake(params.lake_url).url

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class LossWeights(BaseModel):
     """Weights of the VAE loss terms (Con-CDVAE defaults) and the KL weight."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     natom: float = 1.0
     coord: float = 10.0
@@ -30,7 +30,7 @@ class LossWeights(BaseModel):
 class CDVAEConfig(BaseModel):
     """Everything that defines a trained generator: architecture, noise schedule, training, sampling."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     name: str = "custom"
     # ---- architecture ----

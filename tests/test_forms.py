@@ -1,0 +1,41 @@
+"""The Run forms of the deployed flows: every field, nested ones too, has a description and shows its default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prefect.utilities.callables import parameter_schema
+
+from flows.active_learning import active_learning
+from flows.generate import generate
+from flows.label import label
+from flows.screen import screen
+from flows.train import train
+
+
+def _fields(schema: dict[str, Any], definitions: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any], bool]]:
+    """(dotted name, property schema, is a nested model) of every field, depth first."""
+    out = []
+    for name, prop in schema.get("properties", {}).items():
+        refs = [prop.get("$ref")] + [a.get("$ref") for a in prop.get("allOf", []) + prop.get("anyOf", [])]
+        ref = next((r for r in refs if r), None)
+        out.append((f"{path}.{name}", prop, ref is not None))
+        if ref:
+            out += _fields(definitions[ref.split("/")[-1]], definitions, f"{path}.{name}")
+    return out
+
+
+@pytest.mark.parametrize("flow", [active_learning, generate, label, screen, train], ids=lambda f: f.name)
+def test_every_form_field_is_described_and_shows_its_default(flow) -> None:
+    schema = parameter_schema(flow.fn).model_dump_for_openapi()
+    fields = _fields(schema, schema.get("definitions", {}), flow.name)
+    assert len(fields) > 5
+    assert [name for name, prop, _ in fields if not prop.get("description")] == []
+    assert [name for name, prop, nested in fields if not nested and "default" not in prop] == []
+
+
+def test_the_loop_form_shows_the_seven_default_targets() -> None:
+    schema = parameter_schema(active_learning.fn).model_dump_for_openapi()
+    loop = schema["definitions"]["LoopParams"]["properties"]
+    assert loop["targets"]["default"] == [60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0]
