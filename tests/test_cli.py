@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import duckdb
 import pyarrow.parquet as pq
@@ -74,3 +76,25 @@ def test_catalog_file_opens_in_duckdb(filled):
 def test_ingest_bad_source_exits_nonzero(tmp_path):
     result = runner.invoke(app, ["--lake", str(tmp_path / "l"), "ingest", "/nonexistent.json.gz"])
     assert result.exit_code == 1 and "unknown source" in result.output
+
+
+HEAVY = ("torch", "prefect", "pymatgen", "ase", "duckdb", "pyarrow")
+
+
+def _loaded_after(code: str) -> list[str]:
+    """Which heavy libraries a fresh interpreter has imported after running ``code``."""
+    probe = f"import sys\n{code}\nprint('loaded:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("loaded:"), out.stdout
+    return [m for m in line.removeprefix("loaded:").split(",") if m]
+
+
+def test_the_cli_loads_no_model_library_before_a_command_runs():
+    """`matloop --help` and argument errors answer at once: no torch, prefect, pymatgen, duckdb at import."""
+    assert _loaded_after("import flows.cli") == []
+    code = (
+        "from typer.testing import CliRunner\nfrom flows.cli import app\n"
+        "r = CliRunner().invoke(app, ['generate', '--target', '-5'])\nassert r.exit_code == 2, r.output"
+    )
+    assert _loaded_after(code) == []

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -30,6 +33,24 @@ def main(
     """matloop: every structure, property, verdict and job is a Parquet row you can query with SQL."""
     if lake_url:
         os.environ["MATLOOP_LAKE"] = lake_url
+
+
+@contextmanager
+def heavy_imports() -> Iterator[None]:
+    """Import what a command needs (torch, pymatgen, prefect: seconds) only once it runs, with a status line.
+
+    Arguments are parsed and checked first, so ``--help`` and a bad argument answer at once.
+    """
+    if "torch" in sys.modules and "prefect" in sys.modules:
+        yield
+        return
+    if sys.stderr.isatty():
+        print("loading models and libraries ...", end="\r", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        if sys.stderr.isatty():
+            print(" " * 40, end="\r", file=sys.stderr, flush=True)
 
 
 # Sub-command modules register themselves on ``app`` / ``train_app``.

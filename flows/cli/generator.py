@@ -8,29 +8,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from ase.io import write as ase_write
-from pymatgen.io.cif import CifWriter
 from rich.console import Console
 from rich.table import Table
 
-from core.generator import PRESETS, generate
-from core.metrics import mape
-from core.structures import structure_id, to_atoms
-from flows.cli import app, train_app
-from flows.train import TrainParams, train
-from storage import Lake
-from storage.registry import ModelNotFoundError, get_model
-from tasks.generate import derive_seed, load_registered_generator
+from flows.cli import app, heavy_imports, train_app
 
 console = Console()
 
 
 @train_app.command("generator")
 def train_generator_cmd(
-    config: Annotated[str, typer.Option("--config", help=f"Named config: {', '.join(PRESETS)}.")] = "small",
+    config: Annotated[
+        str, typer.Option("--config", help="Named generator config (core.generator.PRESETS: small, paper, ...).")
+    ] = "small",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train the conditional generator (VAE + property head, then the prior); cached on data, config and code."""
+    with heavy_imports():
+        from core.generator import PRESETS
+        from flows.train import TrainParams, train
+        from storage import Lake
+        from storage.registry import get_model
     if config not in PRESETS:
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(PRESETS)}", param_hint="--config")
     lake = Lake()
@@ -60,6 +58,16 @@ def generate_cmd(
     """Generate crystals at target K_vrh and write them as files (the lake is not changed; the flow records)."""
     if any(t <= 0 for t in target):
         raise typer.BadParameter("targets must be positive K_vrh values in GPa", param_hint="--target")
+    with heavy_imports():
+        from ase.io import write as ase_write
+        from pymatgen.io.cif import CifWriter
+
+        from core.generator import generate
+        from core.metrics import mape
+        from core.structures import structure_id, to_atoms
+        from storage import Lake
+        from storage.registry import ModelNotFoundError
+        from tasks.generate import derive_seed, load_registered_generator
     lake = Lake()
     try:
         mid, generator = load_registered_generator(lake.url, model_id)

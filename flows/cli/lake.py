@@ -5,20 +5,16 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import typer
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
-from core.ingest import IngestError, IngestFilters
-from flows.cli import app
-from storage import Lake
-from storage.lake import ReadOnlyQueryError
+from flows.cli import app, heavy_imports
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 console = Console()
 
@@ -57,6 +53,13 @@ def sql(
 ) -> None:
     """Query the lake with SQL (read-only). Views: structures, properties, candidates, jobs, models,
     iterations, quarantine (newest row per key) and <table>_history (every row)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from storage import Lake
+    from storage.lake import ReadOnlyQueryError
+
     try:
         result = Lake().query(query)
     except ReadOnlyQueryError as exc:
@@ -92,6 +95,8 @@ def sql(
 @app.command()
 def status() -> None:
     """Row counts per table and the latest iteration."""
+    from storage import Lake
+
     lake = Lake()
     counts = lake.counts()
     table = Table(title=f"lake {lake.url}")
@@ -133,7 +138,12 @@ def ingest(
     Bad entries go to the quarantine table with a reason; entries outside the alloy domain are
     dropped by named filters; both are counted. Ingesting the same source twice adds nothing.
     """
-    from storage.ingest import ingest as run_ingest
+    with heavy_imports():
+        from tqdm import tqdm
+
+        from core.ingest import IngestError, IngestFilters
+        from storage import Lake
+        from storage.ingest import ingest as run_ingest
 
     filters = IngestFilters(
         metals_only=not all_elements,
@@ -161,5 +171,7 @@ def ingest(
 @app.command()
 def catalog() -> None:
     """Write the DuckDB catalog file (views over the lake) for the duckdb CLI, polars or BI tools."""
+    from storage import Lake
+
     path = Lake().write_catalog()
     console.print(f"catalog written: {path}\n  duckdb -readonly {path} -c 'SELECT * FROM candidates LIMIT 5'")

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pymatgen.core import Structure
 from rich.console import Console
 from rich.table import Table
 
-from core.cgcnn import CONFIGS
-from core.structures import reduced_formula, to_row
-from flows.cli import app, train_app
-from flows.train import TrainParams, metrics_table, train
-from storage import Lake
-from storage.registry import ModelNotFoundError, get_model
-from tasks.train import load_predictor
+from flows.cli import app, heavy_imports, train_app
+
+if TYPE_CHECKING:
+    from storage import Lake
 
 console = Console()
 _REQUIRED = ("lattice", "species", "frac_coords")
@@ -39,7 +35,9 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 @train_app.command("predictor")
 def train_predictor_cmd(
-    config: Annotated[str, typer.Option("--config", help=f"Named config: {', '.join(CONFIGS)}.")] = "default",
+    config: Annotated[
+        str, typer.Option("--config", help="Named CGCNN config (core.cgcnn.CONFIGS: default, small).")
+    ] = "default",
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Config override key=value (value parsed as JSON), e.g. --set n_models=2."),
@@ -47,6 +45,11 @@ def train_predictor_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train the CGCNN ensemble on the lake's labeled data (cached: unchanged data and code return the same model)."""
+    with heavy_imports():
+        from core.cgcnn import CONFIGS
+        from flows.train import TrainParams, metrics_table, train
+        from storage import Lake
+        from storage.registry import get_model
     if config not in CONFIGS:
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}", param_hint="--config")
     lake = Lake()
@@ -67,6 +70,10 @@ def train_predictor_cmd(
 
 
 def _rows_from_files(files: list[Path]) -> list[dict[str, Any]]:
+    from pymatgen.core import Structure
+
+    from core.structures import to_row
+
     rows = []
     for f in files:
         try:
@@ -102,6 +109,10 @@ def predict(
     """Predict K_vrh (GPa) with its ensemble uncertainty for structure files or a SQL selection of the lake."""
     if bool(files) == bool(sql):
         raise typer.BadParameter("give structure FILEs or --sql, not both or neither")
+    with heavy_imports():
+        from storage import Lake
+        from storage.registry import ModelNotFoundError
+        from tasks.train import load_predictor
     lake = Lake()
     try:
         used_id, ensemble = load_predictor(lake, model_id)
@@ -139,4 +150,6 @@ def predict(
 
 def _formula(row: dict[str, Any]) -> str:
     """The row's reduced formula (computed from species where the query did not select the column)."""
+    from core.structures import reduced_formula
+
     return row.get("reduced_formula") or reduced_formula(list(row["species"]))

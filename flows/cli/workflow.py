@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from flows.cli import app
+from flows.cli import app, heavy_imports
 from flows.cli.lake import print_table
-from storage import Lake
+
+if TYPE_CHECKING:
+    from storage import Lake
 
 console = Console()
 
@@ -69,7 +71,9 @@ def run(
     deployed: Annotated[bool, typer.Option(help="Dispatch stages to their work pools (needs `matloop serve`)")] = False,
 ) -> None:
     """Run the active-learning loop in this process (or, with --deployed, on the work pools)."""
-    from flows.active_learning import LoopParams
+    with heavy_imports():
+        from flows.active_learning import LoopParams
+        from storage import Lake
 
     targets = target or [60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0]
     params = LoopParams(
@@ -99,8 +103,10 @@ def run(
 def demo() -> None:
     """One small active-learning iteration on the committed seed set: train, generate, screen with the
     FAM, label with GPAW's `test` preset; then the iteration summary and a few SQL queries."""
-    from flows.active_learning import LoopParams
-    from storage.ingest import ingest
+    with heavy_imports():
+        from flows.active_learning import LoopParams
+        from storage import Lake
+        from storage.ingest import ingest
 
     lake = Lake()
     t0 = time.perf_counter()
@@ -134,7 +140,9 @@ def _summary(lake: Lake) -> None:
 def serve(port: Annotated[int, typer.Option(help="Port of the Prefect server on 127.0.0.1")] = 4200) -> None:
     """Start a Prefect server on 127.0.0.1, create the gpu/hpc/default pools, deploy every flow from
     this checkout, start a worker per pool; Ctrl-C stops everything it started."""
-    from deployments.stack import Stack
+    with heavy_imports():
+        from deployments.stack import Stack
+        from storage import Lake
 
     lake = Lake()
     stopping = False
