@@ -72,11 +72,17 @@ class IngestReport:
     read: int = 0
     landed: int = 0
     already_present: int = 0
+    """Records whose structure (with its labels) is in the lake already."""
+    repeated_in_source: int = 0
+    """Records repeating a structure that an earlier record of the same source already brought."""
     filtered: Counter[str] = field(default_factory=Counter)
     quarantined: Counter[str] = field(default_factory=Counter)
 
     def lines(self) -> list[str]:
-        out = [f"source {self.source}: read {self.read}, landed {self.landed}, already present {self.already_present}"]
+        out = [
+            f"source {self.source}: read {self.read}, landed {self.landed}, already in the lake {self.already_present}"
+            + (f", repeated within the source {self.repeated_in_source}" if self.repeated_in_source else "")
+        ]
         out += [f"  filtered ({name}): {n}" for name, n in sorted(self.filtered.items())]
         out += [f"  quarantined ({name}): {n}" for name, n in sorted(self.quarantined.items())]
         return out
@@ -335,7 +341,10 @@ def prepare(
             report.filtered[reason] += 1
             continue
         if sid in labeled:
-            report.already_present += 1
+            if sid in known_labels:
+                report.already_present += 1
+            else:
+                report.repeated_in_source += 1
             continue
         report.landed += 1
         if sid not in seen:

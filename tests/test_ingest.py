@@ -29,6 +29,8 @@ def test_reference_files_with_default_filters(lake, shared_data):
     )
     assert (rmp.read, rmp.landed, rmp.filtered["metals_only"], rmp.filtered["max_sites"]) == (3144, 1766, 1328, 47)
     assert not r2015.quarantined and not rmp.quarantined
+    assert (r2015.already_present, r2015.repeated_in_source) == (0, 2)  # two crystals appear twice in the file
+    assert "repeated within the source 2" in r2015.lines()[0] and "already in the lake 0" in r2015.lines()[0]
     counts = lake.counts()
     print("lake after both:", counts)
     assert counts["structures"] == 2583  # 35 crystals carry labels from both files

@@ -120,7 +120,13 @@ def status() -> None:
 
 @app.command()
 def ingest(
-    source: Annotated[str, typer.Argument(help="matbench_log_kvrh, a matbench/matminer/MP JSON(.gz) file, a folder")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="seed (the embedded FAM-labeled alloy set), matbench_log_kvrh (downloaded), "
+            "a matbench/matminer/MP JSON(.gz) file, or a folder of structure files"
+        ),
+    ],
     properties: Annotated[
         Path | None, typer.Option(help="CSV of properties for a folder (columns: file, k_vrh, g_vrh, ...)")
     ] = None,
