@@ -16,6 +16,8 @@ class MatloopSettings(BaseSettings):
     """Lake root: a local path or any fsspec URL (s3://bucket/lake)."""
     cache_dir: str = "~/.cache/matloop"
     """Downloads (matbench data, MACE-MP-0 weights) are cached here."""
+    state_dir: str = "~/.local/share/matloop"
+    """State of the local Prefect stack that ``matloop serve`` starts (its database and logs)."""
     shared_data: str = "../shared/data"
     """Reference data folder (Materials Project elasticity sets)."""
     device: str = "auto"

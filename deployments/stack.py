@@ -14,9 +14,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from core.settings import get_settings
 from deployments.pools import POOLS, create_pools
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,11 +31,24 @@ def free_port() -> int:
 
 
 class Stack:
-    """Start with ``with Stack(lake, port) as stack:``; ``stack.ui_url`` is the UI address."""
+    """Start with ``with Stack(lake, port) as stack:``; ``stack.ui_url`` is the UI address.
 
-    def __init__(self, lake_url: str, port: int = 4200, home: Path | None = None, log_dir: Path | None = None) -> None:
+    Its state (Prefect's database, the processes' logs) lives in ``home``, by default
+    ``$MATLOOP_STATE_DIR/prefect`` (``~/.local/share/matloop/prefect``): outside the checkout, the
+    same wherever the command is started from. ``progress`` hears one line per start-up step.
+    """
+
+    def __init__(
+        self,
+        lake_url: str,
+        port: int = 4200,
+        home: Path | None = None,
+        log_dir: Path | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.port = port
-        self.home = home or REPO / ".prefect"
+        self.home = home or Path(get_settings().state_dir).expanduser() / "prefect"
+        self.say = progress or (lambda _msg: None)
         self.log_dir = log_dir or self.home / "logs"
         self.api_url = f"http://127.0.0.1:{port}/api"
         self.ui_url = f"http://127.0.0.1:{port}"
@@ -74,27 +89,38 @@ class Stack:
 
     def start(self, timeout: float = 180) -> Stack:
         """Server, pools, deployments, workers, in that order."""
+        t0 = time.monotonic()
+        self.say(f"starting the Prefect server on {self.ui_url} (state in {self.home}) ...")
         self._spawn("server", [self.prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)])
         self._wait_healthy(timeout)
+        self.say(f"server up after {time.monotonic() - t0:.0f} s; creating the work pools {', '.join(POOLS)} ...")
         create_pools(self.prefect, env=self.env)
+        self.say("deploying every flow from prefect.yaml ...")
         self._run([self.prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "prefect.yaml")])
+        self.say("starting one worker per pool ...")
         for pool in POOLS:
             self._spawn(f"worker-{pool}", [self.prefect, "worker", "start", "--pool", pool, "--type", "process"])
+        self.say(f"ready after {time.monotonic() - t0:.0f} s")
         return self
 
     def stop(self) -> None:
-        """Stop workers first, then the server; SIGKILL whatever ignores SIGTERM for 20 s."""
-        for name in sorted(self.procs, key=lambda n: n == "server"):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        """Stop the workers and wait for them, then the server (so no worker loses its server mid-call).
+
+        Whatever ignores SIGTERM for 20 s gets SIGKILL.
+        """
+        workers = [name for name in self.procs if name != "server"]
+        for group in (workers, ["server"] if "server" in self.procs else []):
+            for name in group:
+                if self.procs[name].poll() is None:
+                    os.killpg(self.procs[name].pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            for name in group:
+                proc = self.procs[name]
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         self.procs.clear()
 
     def __enter__(self) -> Stack:

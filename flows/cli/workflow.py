@@ -152,10 +152,12 @@ def serve(port: Annotated[int, typer.Option(help="Port of the Prefect server on 
         stopping = True
 
     signal.signal(signal.SIGTERM, _stop)
-    with Stack(lake.url, port=port) as stack:
+    with Stack(lake.url, port=port, progress=console.print) as stack:
         console.print(f"Prefect UI: {stack.ui_url}   (lake {lake.url}; logs in {stack.log_dir})")
         console.print("deployments: train/gpu, generate/gpu, screen/gpu, label/hpc, active-learning/default")
-        console.print("trigger the loop: prefect deployment run active-learning/default   (Ctrl-C stops the stack)")
+        console.print(f"in another shell:  export PREFECT_API_URL={stack.api_url}")
+        console.print("                   prefect deployment run active-learning/default --watch")
+        console.print("Ctrl-C stops the workers, then the server")
         try:
             while not stopping:
                 time.sleep(1)
