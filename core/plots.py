@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def mape_per_target(rows: Sequence[Mapping], path: Path, column: str = "mape_gnn", label: str | None = None) -> Path:
@@ -27,9 +28,12 @@ def mape_per_target(rows: Sequence[Mapping], path: Path, column: str = "mape_gnn
         pts = sorted((r["iteration"], r[column]) for r in rows if r["target"] == target and r.get(column) is not None)
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=f"{target:g} GPa")
+    iterations = sorted({int(r["iteration"]) for r in rows})
+    if iterations:  # whole iterations only, with room around a single one
+        ax.set_xticks(iterations if len(iterations) <= 12 else iterations[:: len(iterations) // 12 + 1])
+        ax.set_xlim(iterations[0] - 0.5, iterations[-1] + 0.5)
     ax.set_xlabel("iteration")
     ax.set_ylabel(label or f"MAPE vs target ({column})")
-    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -52,6 +56,7 @@ def dft_k_histogram(
         ax.text(0.5, 0.5, "no structures labeled yet", transform=ax.transAxes, ha="center")
     ax.set_xlabel("DFT K_vrh (GPa)")
     ax.set_ylabel("new structures")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no fractional ticks
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return _save(fig, path)

@@ -12,6 +12,7 @@ nothing; killing it anywhere and rerunning finishes the work with no duplicate r
 
 from __future__ import annotations
 
+import base64
 import json
 import tempfile
 import time
@@ -243,23 +244,30 @@ def report(lake: Lake, params: LoopParams, iteration: int, rows: list[dict[str, 
         if latents is not None:
             figures["latent_tsne.png"] = lambda p: plots.latent_map(*latents, p)
         for name, draw in figures.items():
-            rel = lake.put_file(draw(Path(tmp) / name), "plots", f"iteration={iteration}", name)
-            links.append(f"- [{name}]({lake.uri(rel)})")
+            png = draw(Path(tmp) / name)
+            rel = lake.put_file(png, "plots", f"iteration={iteration}", name)
+            links += [f"**{name}** ([file in the lake]({lake.uri(rel)}))", "", embedded_image(png, name), ""]
     focus = next((r for r in rows if r["target"] == params.focus_target), rows[0] if rows else None)
     table = [{k: r[k] for k in _FUNNEL_COLUMNS} for r in rows]
     create_table_artifact(table, key=f"funnel-{iteration}", description=f"Funnel of iteration {iteration}")
     lines = [f"# Iteration {iteration}", ""]
     if focus:
+        labeled = (
+            f"DFT K {focus['dft_k_mean']:.0f} ± {focus['dft_k_std'] or 0:.0f} GPa"
+            if focus["dft_k_mean"] is not None
+            else "nothing labeled yet"
+        )
         lines += [
             f"Focus target {focus['target']:g} GPa: {focus['n_kept']} kept, {focus['n_gnn_pass']} passed the GNN, "
-            f"{focus['n_fam_pass']} passed the FAM, {focus['n_labeled']} labeled by DFT; "
-            f"MAPE {_fmt(focus['mape_gnn'])}; DFT K {_fmt(focus['dft_k_mean'])} ± {_fmt(focus['dft_k_std'])} GPa.",
+            f"{focus['n_fam_pass']} passed the FAM, {focus['n_labeled']} labeled; "
+            f"MAPE {_fmt(focus['mape_gnn'])}; {labeled}.",
             "",
         ]
     lines += ["| " + " | ".join(_FUNNEL_COLUMNS) + " |", "|" + "---|" * len(_FUNNEL_COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in _FUNNEL_COLUMNS) + " |" for r in rows]
-    lines += ["", f"Wall time per stage (s): {json.loads(rows[0]['wall_times_json']) if rows else {}}", "", "Plots:"]
-    lines += links
+    walls = json.loads(rows[0]["wall_times_json"]) if rows else {}
+    lines += ["", "Wall time per stage: " + (", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) or "-"), ""]
+    lines += ["## Plots", "", *links]
     create_markdown_artifact("\n".join(lines), key=f"iteration-{iteration}", description=f"Iteration {iteration}")
 
 
@@ -278,6 +286,11 @@ _FUNNEL_COLUMNS = (
     "uniqueness",
     "novelty",
 )
+
+
+def embedded_image(png: Path, title: str) -> str:
+    """A markdown image carrying the PNG itself (data URI): the Prefect UI shows it with no file server."""
+    return f"![{title}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
 
 
 def _fmt(value: Any) -> str:

@@ -62,17 +62,21 @@ def iteration_metrics(
 def latent_snapshot(
     lake: Lake, iteration: int, max_reference: int = 600
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(latents, is_new, K) of training structures and this iteration's labeled ones, for the t-SNE map.
+    """(latents, is_new, K) of training structures and this iteration's candidates, for the t-SNE map.
 
-    None when the generator has no latent space or nothing was labeled yet.
+    The candidates are drawn with their best-known K (DFT, else FAM, else the stage-I CGCNN), so the
+    map is there from the first iteration, labeled or not. None when the generator has no latent
+    space or the iteration has no candidates yet.
     """
     from tasks.generate import load_registered_generator
 
-    new = lake.query(
-        "SELECT s.*, c.dft_k AS k_vrh FROM candidates c JOIN structures s USING (structure_id) "
-        "WHERE c.iteration = ? AND c.status = 'labeled'",
+    found = lake.query(
+        "SELECT s.*, coalesce(c.dft_k, c.fam_k, c.gnn_k) AS k_vrh FROM candidates c JOIN structures s "
+        "USING (structure_id) WHERE c.iteration = ? AND coalesce(c.dft_k, c.fam_k, c.gnn_k) IS NOT NULL "
+        "ORDER BY c.dft_k IS NULL, c.fam_k IS NULL, structure_id",
         [iteration],
     ).to_pylist()
+    new = list({r["structure_id"]: r for r in reversed(found)}.values())  # one point per structure, best K kept
     if not new:  # checked first: nothing to highlight, so no model load and no training-set read
         return None
     try:

@@ -105,3 +105,21 @@ def test_fam_labeled_iterations_warm_start_and_train_on_their_labels(tmp_path_fa
     assert set(labeled) <= set(models[first[1]["generator_model_id"]]["data_snapshot"])
     assert set(labeled) <= set(models[first[1]["predictor_model_id"]]["data_snapshot"])
     assert all(r["mape_head_raw"] is not None and r["mape_fam_kept"] is not None for r in rows)
+
+
+def test_the_iteration_report_shows_its_plots_in_the_ui(seeded):
+    """The markdown artifact of the iteration run above carries every plot as an image (a data URI the UI
+    renders), the t-SNE map included although the tiny loop labels at most one structure."""
+    import base64
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["iteration-0"])))
+    text = found[0].data
+    images = dict(re.findall(r"!\[([^\]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text))
+    assert {"mape_per_target.png", "k_of_samples.png", "dft_k_histogram.png", "latent_tsne.png"} <= set(images)
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images.values())
+    assert " ± - GPa" not in text and "{" not in text.split("Wall time per stage:")[1].splitlines()[0]

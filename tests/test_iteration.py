@@ -44,9 +44,34 @@ def test_generator_without_latents_gives_no_map(labeled_lake, monkeypatch):
     assert latent_snapshot(labeled_lake, 0) is None
 
 
-def test_nothing_labeled_loads_no_model(lake, monkeypatch):
+def test_unlabeled_candidates_are_mapped_with_their_best_known_k(lake, monkeypatch):
+    """The map is drawn from the first iteration on: candidates carry their DFT, else FAM, else CGCNN K."""
+    monkeypatch.setattr(tasks.generate, "load_registered_generator", lambda url: ("g", _Encoder()))
+    rows = [to_row(Structure(Lattice.cubic(a), ["Ir", "Os"], [[0, 0, 0], [0.5, 0.5, 0.5]])) for a in (3.0, 3.2)]
+    lake.append("structures", [{**r, "source": "generated", "split": "test"} for r in rows])
+    first, second = rows[0]["structure_id"], rows[1]["structure_id"]
+    lake.append(
+        "candidates",
+        [
+            {"iteration": 0, "structure_id": first, "target": 350.0, "status": "rejected", "gnn_k": 310.0},
+            {
+                "iteration": 0,
+                "structure_id": first,
+                "target": 300.0,
+                "status": "rejected",
+                "gnn_k": 310.0,
+                "fam_k": 280.0,
+            },
+            {"iteration": 0, "structure_id": second, "target": 350.0, "status": "gnn_pass", "gnn_k": 340.0},
+        ],
+    )
+    _, is_new, k = latent_snapshot(lake, 0)
+    assert is_new.tolist() == [True, True] and sorted(k.tolist()) == [280.0, 340.0]
+
+
+def test_no_candidates_loads_no_model(lake, monkeypatch):
     def must_not_load(url):
-        raise AssertionError("the generator was loaded for an iteration with nothing labeled")
+        raise AssertionError("the generator was loaded for an iteration without candidates")
 
     monkeypatch.setattr(tasks.generate, "load_registered_generator", must_not_load)
     assert latent_snapshot(lake, 0) is None

@@ -9,6 +9,9 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(
     name="matloop",
@@ -33,6 +36,16 @@ def main(
     """matloop: every structure, property, verdict and job is a Parquet row you can query with SQL."""
     if lake_url:
         os.environ["MATLOOP_LAKE"] = lake_url
+
+
+_IN_TERMINAL = sys.stdout.isatty()
+console = Console(width=None if _IN_TERMINAL or "COLUMNS" in os.environ else 120, safe_box=True)
+"""Every command's output: the terminal's width, or 120 columns in a log (rich would assume 80 and cut)."""
+
+
+def new_table(title: str | None = None, **options: object) -> Table:
+    """A rich table; in a log, with ASCII borders (box-drawing characters cut or mis-decoded read as noise)."""
+    return Table(title=title, box=box.HEAVY_HEAD if _IN_TERMINAL else box.ASCII2, **options)
 
 
 @contextmanager

@@ -8,12 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from flows.cli import app, heavy_imports, train_app
-
-console = Console()
+from flows.cli import app, console, heavy_imports, new_table, train_app
 
 
 @train_app.command("generator")
@@ -117,7 +113,7 @@ def generate_cmd(
     if as_json:
         typer.echo(json.dumps({"model_id": mid, "out": str(out), "targets": summary}, indent=2))
         return
-    table = Table(title=f"generator {mid} → {out}")
+    table = new_table(title=f"generator {mid} → {out}")
     for col in ("target (GPa)", "sampled", "kept", "head MAPE"):
         table.add_column(col)
     for r in summary:

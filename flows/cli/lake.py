@@ -8,15 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from flows.cli import app, heavy_imports
+from flows.cli import app, console, heavy_imports, new_table
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-console = Console()
 
 
 class OutputFormat(StrEnum):
@@ -28,7 +24,7 @@ class OutputFormat(StrEnum):
 
 def print_table(data: pa.Table, title: str | None = None, max_rows: int = 50) -> None:
     """A pyarrow table as a terminal table (long cells and tables are cut, with a note)."""
-    table = Table(title=title, show_lines=False)
+    table = new_table(title=title, show_lines=False)
     for name in data.column_names:
         table.add_column(name, overflow="fold")
     for row in data.slice(0, max_rows).to_pylist():
@@ -99,7 +95,7 @@ def status() -> None:
 
     lake = Lake()
     counts = lake.counts()
-    table = Table(title=f"lake {lake.url}")
+    table = new_table(title=f"lake {lake.url}")
     table.add_column("table")
     table.add_column("rows", justify="right")
     for name, n in counts.items():

@@ -7,15 +7,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from flows.cli import app, heavy_imports, train_app
+from flows.cli import app, console, heavy_imports, new_table, train_app
 
 if TYPE_CHECKING:
     from storage import Lake
 
-console = Console()
 _REQUIRED = ("lattice", "species", "frac_coords")
 
 
@@ -61,7 +58,7 @@ def train_predictor_cmd(
     if as_json:
         typer.echo(json.dumps({"model_id": model_id, "metrics": metrics}, indent=2))
         return
-    table = Table(title=f"CGCNN {model_id}")
+    table = new_table(title=f"CGCNN {model_id}")
     for col in ("split", "model", "n", "MAE log10 K", "MAE K (GPa)"):
         table.add_column(col)
     for r in metrics_table(model_id, metrics):
@@ -140,7 +137,7 @@ def predict(
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
-    table = Table(title=f"K_vrh from CGCNN {used_id}")
+    table = new_table(title=f"K_vrh from CGCNN {used_id}")
     for col in ("structure", "formula", "K_vrh (GPa)", "± (GPa)"):
         table.add_column(col)
     for r in results:

@@ -7,15 +7,13 @@ import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
-from flows.cli import app, heavy_imports
+from flows.cli import app, console, heavy_imports
 from flows.cli.lake import print_table
 
 if TYPE_CHECKING:
     from storage import Lake
 
-console = Console()
 
 DEMO_QUERIES = {
     "the funnel of the last iteration": (
