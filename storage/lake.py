@@ -197,14 +197,21 @@ class Lake:
         target = self.catalog_path
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        con = duckdb.connect(str(tmp))
+        con = duckdb.connect()
         try:
+            con.execute(f"ATTACH '{tmp}' AS catalog (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')")
+            con.execute("USE catalog")
             for statement in self._view_sql():
                 con.execute(statement)
         finally:
             con.close()
         os.replace(tmp, target)
         return target
+
+
+CATALOG_STORAGE_VERSION = "v1.2.0"
+"""The catalog file's DuckDB storage format: what DuckDB 1.2 and newer clients read (the duckdb CLI
+on the package index, ``duckdb-cli==1.5.6``, cannot open a file in DuckDB 2.0's own format)."""
 
 
 def _check_table(table: str) -> pa.Schema:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
@@ -71,6 +72,19 @@ def test_catalog_file_opens_in_duckdb(filled):
         assert con.execute("SELECT count(*) FROM structures").fetchall() == [(852,)]
     finally:
         con.close()
+
+
+def test_catalog_opens_in_the_duckdb_cli_the_setup_installs(filled):
+    """The duckdb command-line client (duckdb-cli 1.5.6, a dev dependency) reads the catalog DuckDB 2.0 wrote."""
+    assert runner.invoke(app, ["--lake", filled, "catalog"]).exit_code == 0
+    cli = Path(sys.executable).with_name("duckdb")
+    out = subprocess.run(
+        [str(cli), "-readonly", "-csv", f"{filled}/catalog.duckdb", "-c", "SELECT count(*) AS n FROM structures"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0 and out.stdout.split() == ["n", "852"], out.stderr
 
 
 def test_ingest_bad_source_exits_nonzero(tmp_path):
