@@ -43,6 +43,7 @@ from core.relax import relax
 
 VOIGT_LABELS = ("xx", "yy", "zz", "yz", "xz", "xy")
 _VOIGT_INDEX = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+_ENGINEERING_SHEAR = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
 EV_PER_A3_TO_GPA = 1.0 / GPa
 """eV/Å^3 -> GPa (160.2)."""
 
@@ -215,9 +216,16 @@ def point_group_rotations(atoms: Atoms, symprec: float) -> list[np.ndarray]:
         r = a.T @ w @ np.linalg.inv(a.T)
         u, _, vt = np.linalg.svd(r)  # nearest orthogonal matrix: removes the cell's residual distortion
         r = u @ vt
-        if not any(np.allclose(r, q, atol=1e-6) for q in rotations):
+        if not _close_to_any(r, np.array(rotations), 1e-6):
             rotations.append(r)
     return rotations
+
+
+def _close_to_any(matrix: np.ndarray, stack: np.ndarray, atol: float) -> bool:
+    """``np.allclose(matrix, m, atol=atol)`` for any m of ``stack`` (k x 3 x 3), in one array operation."""
+    if len(stack) == 0:
+        return False
+    return bool((np.abs(stack - matrix) <= atol + 1e-5 * np.abs(matrix)).all(axis=(1, 2)).any())
 
 
 def standard_orientation(atoms: Atoms, symprec: float) -> Atoms:
@@ -240,13 +248,13 @@ def _strain_plan(atoms: Atoms, settings: ElasticSettings) -> list[tuple[str, np.
     full = [(f"strain:{VOIGT_LABELS[i]}:{s:+g}", voigt_strain(i, s)) for i in range(6) for s in settings.strains]
     rotations = point_group_rotations(atoms, settings.symprec) if settings.use_symmetry else [np.eye(3)]
     plan: list[tuple[str, np.ndarray, tuple[np.ndarray, ...]]] = []
-    covered: list[np.ndarray] = []
+    covered = np.zeros((0, 3, 3))
+    stack = np.array(rotations)
     for label, strain in full:
-        tol = 1e-3 * np.abs(strain).max()
-        if any(np.allclose(strain, c, atol=tol) for c in covered):
+        if _close_to_any(strain, covered, 1e-3 * np.abs(strain).max()):
             continue
         plan.append((label, strain, tuple(rotations)))
-        covered.extend(r @ strain @ r.T for r in rotations)
+        covered = np.concatenate([covered, stack @ strain @ stack.transpose(0, 2, 1)])
     return plan
 
 
@@ -295,8 +303,9 @@ def fit_voigt(
     Returns the symmetrized 6x6 C, the intercept sigma_0 (Voigt) and the RMS residual (GPa).
     Raises ValueError if the strains do not span all six Voigt components.
     """
-    eps = np.array([Strain(e).voigt for e in strains])
-    sig = np.array([[s[i, j] for i, j in _VOIGT_INDEX] for s in stresses_gpa])
+    rows, cols = np.array(_VOIGT_INDEX).T
+    eps = np.asarray(strains, dtype=float)[:, rows, cols] * _ENGINEERING_SHEAR  # Voigt, as Strain(e).voigt
+    sig = np.asarray(stresses_gpa, dtype=float)[:, rows, cols]
     design = np.hstack([eps, np.ones((len(eps), 1))])
     if np.linalg.matrix_rank(eps) < 6:
         raise ValueError("the strain set does not span all six Voigt components")
