@@ -436,16 +436,23 @@ def displacement_plan(reference: Atoms, symprec: float) -> DisplacementPlan:
                 images[int(perm[k])] = (k, rot, perm)
         site_ops[k] = tuple((rot, perm) for rot, perm in ops if perm[k] == k)
         spanned: list[np.ndarray] = []
-        for axis in np.eye(3):
-            images_of_axis = [rot @ axis for rot, _ in site_ops[k]]
-            if np.linalg.matrix_rank(np.array(spanned + images_of_axis), tol=1e-6) > np.linalg.matrix_rank(
-                np.array(spanned or [np.zeros(3)]), tol=1e-6
-            ):
-                displaced.append((k, axis))
-                spanned += images_of_axis
-            if np.linalg.matrix_rank(np.array(spanned), tol=1e-6) == 3:
+        for direction in _CANDIDATE_DIRECTIONS:
+            images_of_direction = [rot @ direction for rot, _ in site_ops[k]]
+            if _rank(spanned + images_of_direction) > _rank(spanned):
+                displaced.append((k, direction))
+                spanned += images_of_direction
+            if _rank(spanned) == 3:
                 break
     return DisplacementPlan(tuple(displaced), tuple(images), site_ops)  # type: ignore[arg-type]
+
+
+_CANDIDATE_DIRECTIONS = (np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0), *np.eye(3))
+"""Displacement directions tried in turn: a generic one first, whose images under a site's symmetry
+already span all three directions on any site with an axis or two mirrors (one cell instead of three)."""
+
+
+def _rank(vectors: list[np.ndarray]) -> int:
+    return int(np.linalg.matrix_rank(np.array(vectors), tol=1e-6)) if vectors else 0
 
 
 def displaced_cells(reference: Atoms, plan: DisplacementPlan, step: float) -> list[Atoms]:
