@@ -102,9 +102,48 @@ def _structure_arrays(d: dict[str, Any]) -> dict[str, Any]:
     return {"lattice": lattice, "species": species, "frac_coords": np.asarray(frac, dtype=float)}
 
 
+MAX_FRACTIONAL = 10.0
+"""A fractional coordinate beyond this is an error in the file, not a position: wrapping it into the
+cell would turn it into noise (1e30 mod 1 is 0)."""
+
+
+def _check_cif_coordinates(path: Path) -> None:
+    """Raise ValueError for a CIF whose raw cell or fractional coordinates cannot describe a crystal.
+
+    Checked on the raw values because ASE's reader wraps every site into the cell and builds some
+    cell from any six numbers.
+    """
+    from ase.io.cif import parse_cif
+
+    for block in parse_cif(str(path)):
+        for tag in ("_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z"):
+            for value in block.get(tag) or []:
+                if not isinstance(value, int | float):
+                    raise ValueError(f"{tag} {value!r} is not a number")
+                if not (math.isfinite(value) and abs(value) <= MAX_FRACTIONAL):
+                    raise ValueError(f"{tag} {value:g} is outside ±{MAX_FRACTIONAL:g}")
+        lengths = [block.get(f"_cell_length_{axis}") for axis in "abc"]
+        angles = [block.get(f"_cell_angle_{name}") for name in ("alpha", "beta", "gamma")]
+        if any(isinstance(v, int | float) and not v > 0 for v in lengths):
+            raise ValueError(f"cell lengths {lengths} must be positive")
+        if all(isinstance(v, int | float) for v in angles) and not _angles_make_a_cell(*angles):
+            raise ValueError(f"cell angles {angles} do not make a cell")
+
+
+def _angles_make_a_cell(alpha: float, beta: float, gamma: float) -> bool:
+    """Each angle in (0, 180), their sum below 360 and each below the sum of the other two."""
+    return (
+        all(0 < x < 180 for x in (alpha, beta, gamma))
+        and alpha + beta + gamma < 360
+        and (max(alpha, beta, gamma) < alpha + beta + gamma - max(alpha, beta, gamma))
+    )
+
+
 def _structure_from_file(path: Path) -> dict[str, Any]:
     from ase.io import read  # local: ASE's IO registry is slow to import
 
+    if path.suffix.lower() == ".cif":
+        _check_cif_coordinates(path)
     atoms = read(path)
     return {
         "lattice": np.asarray(atoms.cell[:], dtype=float),
@@ -165,7 +204,11 @@ def _load_json(path: Path) -> Any:
             return json.load(fh)
     except FileNotFoundError:
         raise IngestError(f"no such file: {path}") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except EOFError:
+        raise IngestError(
+            f"{path} is truncated: the gzip stream ends early (an incomplete download or copy?)"
+        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IngestError(f"{path} is not readable JSON: {exc}") from None
 
 
@@ -246,8 +289,15 @@ def _quarantine_reason(rec: Record) -> tuple[str, str] | None:
         if not Element.is_valid_symbol(symbol):
             return "unknown_element", f"unknown element {symbol!r}"
     lattice = np.asarray(rec.structure["lattice"], dtype=float)
-    if lattice.shape != (3, 3) or abs(np.linalg.det(lattice)) < 1e-6 or cell_heights(lattice).min() < MIN_DISTANCE:
+    frac = np.asarray(rec.structure["frac_coords"], dtype=float)
+    if lattice.shape != (3, 3) or not np.isfinite(lattice).all():
+        return "bad_cell", "the lattice is not a finite 3x3 matrix"
+    if np.linalg.det(lattice) < 0:
+        return "bad_cell", "left-handed cell: a negative cell length, or angles that do not make a cell"
+    if abs(np.linalg.det(lattice)) < 1e-6 or cell_heights(lattice).min() < MIN_DISTANCE:
         return "unreadable", "degenerate (flat or singular) cell"
+    if not np.isfinite(frac).all() or np.abs(frac).max(initial=0.0) > MAX_FRACTIONAL:
+        return "bad_coordinates", f"fractional coordinates non-finite or outside ±{MAX_FRACTIONAL:g}"
     k = rec.properties.get("k_vrh")
     if k is None or not math.isfinite(k):
         return "bad_property", f"k_vrh is {'missing' if k is None else k}"

@@ -165,3 +165,71 @@ def test_named_matbench_source_reads_from_the_cache(lake, tmp_path, monkeypatch)
 def test_unknown_source_is_a_clear_error(lake):
     with pytest.raises(IngestError, match="unknown source"):
         ingest(lake, "/no/such/file.json")
+
+
+_CIF = """data_x
+_cell_length_a {a}
+_cell_length_b 3.1
+_cell_length_c 3.1
+_cell_angle_alpha {alpha}
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+W1 W 0 0 0
+Mo1 Mo {x} 0.5 0.5
+"""
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason", "words"),
+    [
+        ({"a": -3.1}, "unreadable", "must be positive"),
+        ({"x": 1e30}, "unreadable", "outside ±10"),
+        ({"x": "nan"}, "unreadable", "not a number"),
+        ({"x": 12.5}, "unreadable", "outside ±10"),
+        ({"alpha": 200}, "unreadable", "do not make a cell"),
+    ],
+    ids=["negative-length", "coordinate-1e30", "coordinate-nan", "coordinate-12.5", "impossible-angle"],
+)
+def test_non_physical_cif_cells_are_quarantined_with_a_reason(lake, tmp_path, fields, reason, words):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    values = {"a": 3.1, "alpha": 90, "x": 0.5, **fields}
+    (folder / "bad.cif").write_text(_CIF.format(**values))
+    (folder / "properties.csv").write_text("file,k_vrh\nbad.cif,300\n")
+    report = ingest(lake, str(folder))
+    assert report.landed == 0 and dict(report.quarantined) == {reason: 1}
+    detail = lake.query("SELECT detail FROM quarantine").column("detail").to_pylist()[0]
+    assert words in detail and lake.counts()["structures"] == 0
+
+
+def test_matrix_sources_refuse_left_handed_cells_and_wild_coordinates(lake, tmp_path):
+    left = _structure_dict(["Cu", "Zn"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    left["lattice"]["matrix"][0] = [-3.0, 0.0, 0.0]
+    wild = _structure_dict(["Cu", "Zn"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    wild["sites"][1]["abc"] = [1e30, 0.5, 0.5]
+    path = tmp_path / "odd.json.gz"
+    _write_matbench(path, [[left, 2.0], [wild, 2.0]])
+    report = ingest(lake, str(path))
+    assert report.landed == 0 and dict(report.quarantined) == {"bad_cell": 1, "bad_coordinates": 1}
+
+
+def test_a_truncated_gzip_source_fails_with_one_clear_line(lake, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path = tmp_path / "cut.json.gz"
+    _write_matbench(path, [[_structure_dict(["Cu", "Zn"], [[0, 0, 0], [0.5, 0.5, 0.5]]), 2.0]] * 50)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(IngestError, match="truncated"):
+        ingest(lake, str(path))
+    result = CliRunner().invoke(app, ["--lake", lake.url, "ingest", str(path)])
+    assert result.exit_code == 1 and "Aborted" not in result.output and "truncated" in result.output
+    assert lake.counts()["structures"] == 0
