@@ -88,6 +88,10 @@ CONFIGS: dict[str, CGCNNConfig] = {
 """Named configs: ``default`` for production and the benchmark, ``small`` for tests and demos."""
 
 
+ConfigName = Literal[tuple(CONFIGS)]  # type: ignore[valid-type]
+"""The named CGCNN configs, as a type: a form shows them as choices."""
+
+
 def get_config(name: str = "default", overrides: Mapping[str, Any] | None = None) -> CGCNNConfig:
     """A named config with field overrides (nested ``graph`` overrides merge); unknown names fail clearly."""
     try:

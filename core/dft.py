@@ -155,6 +155,10 @@ PRESETS: dict[str, DftSettings] = {
 }
 
 
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+"""The named DFT presets, as a type: a form shows them as choices."""
+
+
 def preset(name: str, **overrides: Any) -> DftSettings:
     """A named preset with field overrides (validated). Raises KeyError naming the presets."""
     try:

@@ -27,7 +27,10 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from core import plots
+from core.cgcnn import ConfigName as CGCNNConfigName
+from core.dft import PresetName as DftPreset
 from core.fam import FamSettings
+from core.generator.configs import PresetName as GeneratorPreset
 from flows.generate import DEFAULT_TARGETS, GenerateParams, generate
 from flows.label import LabelParams, label
 from flows.screen import ScreenParams, screen
@@ -85,15 +88,15 @@ class LoopParams(BaseModel):
     """What keeps the best samples: "head" (the generator's property head) or a CGCNN checkpoint path."""
     grader: str | None = None
     """Path of a frozen CGCNN checkpoint that grades every raw sample (MAPE in ``generations``/``iterations``)."""
-    dft_preset: str = "test"
+    dft_preset: DftPreset = "test"
     """DFT preset for labeling (test, gpaw-tight, vasp, qe)."""
     dft_limit: int | None = Field(None, ge=1)
     """Label at most this many stage-II survivors per iteration (None: all)."""
     dft_runner: Literal["local", "dask", "slurm"] = "local"
     """Where DFT jobs run: in-process, local Dask workers, or SLURM jobs (the hpc pool's MATLOOP_SLURM_*)."""
-    predictor_config: str = "default"
+    predictor_config: CGCNNConfigName = "default"
     """CGCNN config name (small, default)."""
-    generator_config: str = "small"
+    generator_config: GeneratorPreset = "small"
     """Generator config name (small, paper)."""
     seed: int = 0
     """Sampling seed."""

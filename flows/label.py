@@ -32,6 +32,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.dft import DftSettings, preset, resolve
+from core.dft import PresetName as DftPreset
 from core.elastic import ElasticResult, ElasticSettings, deformations, fit
 from core.failures import FaultInjection, as_failure
 from core.structures import from_atoms, from_row, split_of, to_atoms, to_row
@@ -117,7 +118,7 @@ class LabelParams(BaseModel):
     """Iteration whose fam_pass candidates are labeled."""
     lake_url: str | None = None
     """Lake root; default $MATLOOP_LAKE or ./lake."""
-    preset: str = "test"
+    preset: DftPreset = "test"
     """DFT preset (core.dft.PRESETS): test, gpaw-tight, vasp, qe (emt: a non-DFT stand-in for smoke tests)."""
     overrides: dict[str, Any] = {}
     """Field overrides on the preset, e.g. {"ecut": 400}."""

@@ -14,7 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.cgcnn import ConfigName as CGCNNConfigName
 from core.cgcnn import code_hash, get_config
+from core.generator.configs import PresetName as GeneratorPreset
 from storage import Lake
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
 from tasks.common import in_lake
@@ -32,11 +34,11 @@ class TrainParams(BaseModel):
     """Lake root; default $MATLOOP_LAKE or ./lake."""
     what: list[What] = ["predictor"]
     """Models to train: "predictor" (CGCNN ensemble), "generator" (the conditional generator)."""
-    predictor_config: str = "default"
+    predictor_config: CGCNNConfigName = "default"
     """Named CGCNN config (core.cgcnn.CONFIGS): default, small."""
     predictor_overrides: dict[str, Any] = {}
     """Field overrides on the named config, e.g. {"n_models": 2, "graph": {"cutoff": 6.0}}."""
-    generator_config: str = "small"
+    generator_config: GeneratorPreset = "small"
     """Named generator config (the generator's own module defines the names)."""
     parent_predictor: str | None = None
     """Fine-tune this registered CGCNN ensemble (warm start) instead of training from scratch."""

@@ -39,3 +39,14 @@ def test_the_loop_form_shows_the_seven_default_targets() -> None:
     schema = parameter_schema(active_learning.fn).model_dump_for_openapi()
     loop = schema["definitions"]["LoopParams"]["properties"]
     assert loop["targets"]["default"] == [60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0]
+
+
+def test_named_configs_and_presets_are_choices() -> None:
+    from core.cgcnn import CONFIGS
+    from core.dft import PRESETS as DFT_PRESETS
+    from core.generator.configs import PRESETS as GENERATOR_PRESETS
+
+    loop = parameter_schema(active_learning.fn).model_dump_for_openapi()["definitions"]["LoopParams"]["properties"]
+    assert loop["predictor_config"]["enum"] == list(CONFIGS)
+    assert loop["generator_config"]["enum"] == list(GENERATOR_PRESETS)
+    assert loop["dft_preset"]["enum"] == list(DFT_PRESETS)

@@ -7,7 +7,7 @@ data: its settings hash goes into the model id, so a changed number means a new 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -116,6 +116,10 @@ PRESETS: dict[str, CDVAEConfig] = {
         sample_batch=2048,
     ),
 }
+
+
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+"""The named generator presets, as a type: a form shows them as choices."""
 
 
 def get_config(name: str) -> CDVAEConfig:
