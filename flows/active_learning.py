@@ -53,8 +53,8 @@ class LoopParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    lake_url: str | None = None
-    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    lake_url: str = ""
+    """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     targets: list[float] = list(DEFAULT_TARGETS)
     """Target K_vrh values, GPa."""
     focus_target: float = 350.0

@@ -29,8 +29,8 @@ class GenerateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    lake_url: str | None = None
-    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    lake_url: str = ""
+    """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     iteration: int = Field(0, ge=0)
     """Active-learning iteration the candidates belong to."""
     targets: list[float] = list(DEFAULT_TARGETS)

@@ -116,8 +116,8 @@ class LabelParams(BaseModel):
 
     iteration: int = 0
     """Iteration whose fam_pass candidates are labeled."""
-    lake_url: str | None = None
-    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    lake_url: str = ""
+    """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     preset: DftPreset = "test"
     """DFT preset (core.dft.PRESETS): test, gpaw-tight, vasp, qe (emt: a non-DFT stand-in for smoke tests)."""
     overrides: dict[str, Any] = {}

@@ -26,8 +26,8 @@ class ScreenParams(BaseModel):
 
     iteration: int = Field(0, ge=0)
     """Active-learning iteration whose candidates are screened."""
-    lake_url: str | None = None
-    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    lake_url: str = ""
+    """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     stages: list[Stage] = ["gnn", "fam"]
     """Stages to run, in funnel order."""
     gnn_tolerance: float = Field(0.30, gt=0)

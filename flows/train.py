@@ -30,8 +30,8 @@ class TrainParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    lake_url: str | None = None
-    """Lake root; default $MATLOOP_LAKE or ./lake."""
+    lake_url: str = ""
+    """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     what: list[What] = ["predictor"]
     """Models to train: "predictor" (CGCNN ensemble), "generator" (the conditional generator)."""
     predictor_config: CGCNNConfigName = "default"

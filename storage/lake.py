@@ -53,7 +53,7 @@ class Lake:
     """A lake root and its tables. ``Lake()`` uses MATLOOP_LAKE or ``./lake``."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        url = str(root if root is not None else get_settings().lake)
+        url = str(root or get_settings().lake)  # None or "" (a form left empty): the configured lake
         self.fs, path = fsspec.core.url_to_fs(url)
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.root = str(Path(path).resolve()) if self.local else path
