@@ -240,9 +240,5 @@ def validity_problem(structure: Structure) -> str | None:
     return None
 
 
-def is_valid(structure: Structure) -> bool:
-    return validity_problem(structure) is None
-
-
 def reduced_formula(species: list[str]) -> str:
     return Composition(Counter(species)).reduced_formula

@@ -38,10 +38,10 @@ _CODE_DIR = Path(__file__).resolve().parent.parent / "core" / "generator"
 
 
 def generator_code_hash() -> str:
-    """Hash of the generator package's source: a code change means a new model."""
+    """Hash of the generator package's source, subpackages included: a code change means a new model."""
     digest = hashlib.sha256()
-    for path in sorted(_CODE_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(_CODE_DIR.rglob("*.py")):
+        digest.update(str(path.relative_to(_CODE_DIR)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 

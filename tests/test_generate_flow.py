@@ -161,3 +161,16 @@ def test_a_recreated_lake_trains_again_instead_of_returning_a_vanished_model(sha
     shutil.rmtree(tmp_path / "lake")
     lake, model_id = trained_lake()
     assert resolve_model(lake, GENERATOR_KIND, model_id).model_id == model_id  # registered in the lake now there
+
+
+def test_generator_code_hash_covers_subpackages(tmp_path, monkeypatch):
+    """A change anywhere under core/generator, a subfolder included, is a new model (no stale cache)."""
+    import tasks.train_generator as tg
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 1\n")
+    monkeypatch.setattr(tg, "_CODE_DIR", tmp_path)
+    before = tg.generator_code_hash()
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    assert tg.generator_code_hash() != before
