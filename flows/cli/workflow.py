@@ -161,4 +161,4 @@ def serve(port: Annotated[int, typer.Option(help="Port of the Prefect server on 
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
-    console.print("stopped the server, the workers and the pools' processes")
+    console.print("stopped the workers, then the server")
