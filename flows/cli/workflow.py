@@ -71,9 +71,10 @@ def run(
     """Run the active-learning loop in this process (or, with --deployed, on the work pools)."""
     with heavy_imports():
         from flows.active_learning import LoopParams
+        from flows.generate import DEFAULT_TARGETS
         from storage import Lake
 
-    targets = target or [60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0]
+    targets = target or list(DEFAULT_TARGETS)
     params = LoopParams(
         lake_url=Lake().url,
         targets=targets,
