@@ -61,21 +61,22 @@ def ingest(
         return ingest_seed(lake, run_id=run_id)
     name = name or source_name(source)
     records = read_source(source, properties_csv)
-    known_structures = {r["structure_id"] for r in lake.query("SELECT structure_id FROM structures").to_pylist()}
-    known_labels = {
-        r["structure_id"]
-        for r in lake.query(
-            "SELECT structure_id FROM properties WHERE name = 'k_vrh' AND method = ?", [f"dataset:{name}"]
-        ).to_pylist()
-    }
-    known_quarantine = {
-        r["record_id"] for r in lake.query("SELECT record_id FROM quarantine WHERE source = ?", [name]).to_pylist()
-    }
-    out = prepare(records, name, filters, known_structures, known_labels, known_quarantine, progress)
-    # Structures first: a property never refers to a structure that is not there.
-    lake.append("structures", out.structures, run_id=run_id)
-    lake.append("properties", out.properties, run_id=run_id)
-    lake.append("quarantine", out.quarantine, run_id=run_id)
+    with lake.exclusive("ingest"):  # what is there, then what to add: one writer at a time
+        known_structures = {r["structure_id"] for r in lake.query("SELECT structure_id FROM structures").to_pylist()}
+        known_labels = {
+            r["structure_id"]
+            for r in lake.query(
+                "SELECT structure_id FROM properties WHERE name = 'k_vrh' AND method = ?", [f"dataset:{name}"]
+            ).to_pylist()
+        }
+        known_quarantine = {
+            r["record_id"] for r in lake.query("SELECT record_id FROM quarantine WHERE source = ?", [name]).to_pylist()
+        }
+        out = prepare(records, name, filters, known_structures, known_labels, known_quarantine, progress)
+        # Structures first: a property never refers to a structure that is not there.
+        lake.append("structures", out.structures, run_id=run_id)
+        lake.append("properties", out.properties, run_id=run_id)
+        lake.append("quarantine", out.quarantine, run_id=run_id)
     return out.report
 
 
@@ -84,6 +85,11 @@ def ingest_seed(lake: Lake, run_id: str | None = None) -> IngestReport:
     from core.seed import SOURCE, lake_rows
 
     rows = lake_rows()
+    with lake.exclusive("ingest"):
+        return _add_seed(lake, rows, SOURCE, run_id)
+
+
+def _add_seed(lake: Lake, rows: dict[str, list[dict]], source: str, run_id: str | None) -> IngestReport:
     have = {r["structure_id"] for r in lake.query("SELECT structure_id FROM structures").to_pylist()}
     labels = {
         (r["structure_id"], r["name"], r["method"])
@@ -93,6 +99,6 @@ def ingest_seed(lake: Lake, run_id: str | None = None) -> IngestReport:
     properties = [r for r in rows["properties"] if (r["structure_id"], r["name"], r["method"]) not in labels]
     lake.append("structures", structures, run_id=run_id)
     lake.append("properties", properties, run_id=run_id)
-    report = IngestReport(SOURCE, read=len(rows["structures"]), landed=len(structures))
+    report = IngestReport(source, read=len(rows["structures"]), landed=len(structures))
     report.already_present = report.read - report.landed
     return report

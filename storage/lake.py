@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,57 @@ class Lake:
     def _protocol(self) -> str:
         p = self.fs.protocol
         return p[0] if isinstance(p, tuple) else p
+
+    # ---------- writers ----------
+    @contextmanager
+    def exclusive(self, name: str, timeout: float = 3600.0) -> Iterator[None]:
+        """Hold the lake's ``name`` lock: writers that check what is there and then append take it.
+
+        On a local lake it is an advisory ``flock`` on ``<lake>/.locks/<name>.lock``: the kernel
+        drops it when its holder exits, SIGKILL included, so a lock is never stale. A second
+        writer waits (saying who holds the lock) and raises TimeoutError after ``timeout`` s.
+        On an fsspec lake (object stores have no locks) it holds nothing: there, run one writer
+        of a kind at a time.
+        """
+        if not self.local:
+            yield
+            return
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        lock_dir = Path(self.path(".locks"))
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        path = lock_dir / f"{name}.lock"
+        with open(path, "a+") as fh:
+            deadline = time.monotonic() + timeout
+            said = False
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not said:
+                        fh.seek(0)
+                        holder = fh.read().strip() or "another process"
+                        print(f"waiting for the {name} lock of {self.url}, held by {holder}", file=sys.stderr)
+                        said = True
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"the {name} lock of {self.url} is still held after {timeout:.0f} s"
+                        ) from None
+                    time.sleep(0.2)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {utcnow():%Y-%m-%d %H:%M:%S} UTC\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # ---------- paths ----------
     def path(self, *parts: str) -> str:

@@ -233,3 +233,49 @@ def test_a_truncated_gzip_source_fails_with_one_clear_line(lake, tmp_path):
     result = CliRunner().invoke(app, ["--lake", lake.url, "ingest", str(path)])
     assert result.exit_code == 1 and "Aborted" not in result.output and "truncated" in result.output
     assert lake.counts()["structures"] == 0
+
+
+def test_concurrent_ingests_of_overlapping_sources_land_each_structure_once(lake, tmp_path, monkeypatch):
+    """Four writers at once, each holding a structure another also holds: no twin rows anywhere.
+
+    ``prepare`` is slowed so that, without the lake's ingest lock, every writer would read an empty
+    lake and append the shared structures again.
+    """
+    import threading
+    import time
+
+    import storage.ingest as storage_ingest
+
+    real_prepare = storage_ingest.prepare
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(0.3)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(storage_ingest, "prepare", slow_prepare)
+    shared = _structure_dict(["Cu", "Zn"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    paths = []
+    for k in range(4):
+        own = _structure_dict(["Ni", "Al"], [[0, 0, 0], [0.5, 0.5, 0.5]], a=2.8 + 0.1 * k)
+        paths.append(tmp_path / f"part{k}.json.gz")
+        _write_matbench(paths[-1], [[shared, 2.0], [own, 2.1]])
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def writer(path):
+        barrier.wait()
+        try:
+            ingest(lake, str(path), name="parts")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    history = lake.query("SELECT structure_id, count(*) n FROM structures_history GROUP BY 1").to_pylist()
+    assert len(history) == 5 and all(r["n"] == 1 for r in history)
+    labels = lake.query("SELECT structure_id, count(*) n FROM properties_history WHERE name = 'k_vrh' GROUP BY 1")
+    assert all(n == 1 for n in labels.column("n").to_pylist())

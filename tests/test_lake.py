@@ -143,3 +143,27 @@ def test_fsspec_url_root(tmp_path):
 def test_lake_root_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MATLOOP_LAKE", str(tmp_path / "envlake"))
     assert Lake().root == str((tmp_path / "envlake").resolve())
+
+
+def test_the_writer_lock_survives_a_sigkilled_holder(tmp_path):
+    """A lock held by a process that is SIGKILLed is free at once (flock), and a waiter names the holder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "lake"
+    code = (
+        "import sys, time\nfrom storage.lake import Lake\n"
+        f"with Lake({str(root)!r}).exclusive('ingest'):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    lake = Lake(root)
+    with pytest.raises(TimeoutError, match="ingest lock"), lake.exclusive("ingest", timeout=0.5):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    t0 = time.monotonic()
+    with lake.exclusive("ingest", timeout=5):
+        assert time.monotonic() - t0 < 2
