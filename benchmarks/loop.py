@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--kept", type=int, default=10, help="candidates kept per target and iteration")
     parser.add_argument("--ratio", type=int, default=50, help="samples per kept candidate (the reference: 500)")
     parser.add_argument("--weight", type=float, default=None, help="new-label weight (default: the loop's)")
-    parser.add_argument("--dft-limit", type=int, default=None, help="label at most this many per iteration")
+    parser.add_argument("--dft-limit", type=int, default=0, help="label at most this many per iteration (0: all)")
     parser.add_argument("--fam-model", default="sevennet-0")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--json", type=Path, help="write the rows as a JSON list here")

@@ -90,8 +90,8 @@ class LoopParams(BaseModel):
     """Path of a frozen CGCNN checkpoint that grades every raw sample (MAPE in ``generations``/``iterations``)."""
     dft_preset: DftPreset = "test"
     """DFT preset for labeling (test, gpaw-tight, vasp, qe)."""
-    dft_limit: int | None = Field(None, ge=1)
-    """Label at most this many stage-II survivors per iteration (None: all)."""
+    dft_limit: int = Field(0, ge=0)
+    """Label at most this many stage-II survivors per iteration (0: all of them)."""
     dft_runner: Literal["local", "dask", "slurm"] = "local"
     """Where DFT jobs run: in-process, local Dask workers, or SLURM jobs (the hpc pool's MATLOOP_SLURM_*)."""
     predictor_config: CGCNNConfigName = "default"

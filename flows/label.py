@@ -134,9 +134,9 @@ class LabelParams(BaseModel):
     """Threads (local) or worker processes (dask) running DFT jobs at once."""
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     """SLURM job settings of the slurm runner (defaults from the hpc pool's MATLOOP_SLURM_* variables)."""
-    limit: int | None = Field(None, ge=1)
-    """Label at most this many structures in this run, those whose FAM K is closest to target first
-    (the rest stay fam_pass for a later run)."""
+    limit: int = Field(0, ge=0)
+    """Label at most this many structures in this run (0: all), those whose FAM K is closest to target
+    first (the rest stay fam_pass for a later run)."""
     source: Literal["dft", "fam"] = "dft"
     """dft: label by DFT (the reference work). fam: promote the stage-II FAM K of each survivor to its
     label (rows marked fam:<model> and loop_label): cheap enough for many iterations on a laptop."""
@@ -435,7 +435,7 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
     by_structure: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for cand in current(lake, params.iteration, status="fam_pass"):
         by_structure[cand["structure_id"]].append(cand)
-    ids = sorted(by_structure, key=lambda sid: (_fam_miss(by_structure[sid]), sid))[: params.limit]
+    ids = sorted(by_structure, key=lambda sid: (_fam_miss(by_structure[sid]), sid))[: params.limit or None]
     if not ids:
         logger.info("iteration %d: no candidates at fam_pass, nothing to label", params.iteration)
         return []

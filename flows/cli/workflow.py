@@ -62,7 +62,7 @@ def run(
         str | None, typer.Option(help="Frozen CGCNN checkpoint that grades every raw sample (MAPE per iteration)")
     ] = None,
     dft_preset: Annotated[str, typer.Option(help="DFT preset: test, gpaw-tight, vasp, qe")] = "test",
-    dft_limit: Annotated[int | None, typer.Option(help="Label at most this many survivors per iteration")] = None,
+    dft_limit: Annotated[int, typer.Option(min=0, help="Label at most this many survivors per iteration (0: all)")] = 0,
     predictor_config: Annotated[str, typer.Option(help="CGCNN config: small, default")] = "default",
     generator_config: Annotated[str, typer.Option(help="Generator config: small, paper")] = "small",
     first_iteration: Annotated[int, typer.Option(help="Index of the first iteration")] = 0,
