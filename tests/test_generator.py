@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pymatgen.core import Lattice, Structure
+from pymatgen.analysis.structure_matcher import FrameworkComparator, StructureMatcher
+from pymatgen.core import Element, Lattice, Structure
 
 from core import metrics
 from core.generator import CDVAEConfig, CDVAEGenerator, Generator, SampleBatch, keep_best, load_generator
@@ -19,11 +20,11 @@ from core.generator.cdvae import (
     composition_types,
     fourier_features,
     fully_connected_edges,
-    lattice_matrices,
-    lattice_params,
     repel,
     wrapped_normal_score,
 )
+from core.generator.crystals import Crystal, lattice_matrices, lattice_params
+from core.generator.templates import TemplateBank
 from core.structures import excluded_reason, structure_id, symmetrize
 
 TINY = CDVAEConfig(
@@ -254,6 +255,47 @@ def test_save_load_round_trip_is_exact_and_safe(trained, data, tmp_path):
     assert isinstance(loaded, CDVAEGenerator) and loaded.config == TINY and loaded.vocab == trained.vocab
     assert np.array_equal(loaded.score(data[0][:5]), trained.score(data[0][:5]))
     assert np.array_equal(loaded.sample([150.0], 4, seed=2).scores, trained.sample([150.0], 4, seed=2).scores)
+    templated, original = (g.with_sampling(decoder="template") for g in (loaded, trained))
+    assert np.array_equal(templated.sample([150.0], 4, seed=2).scores, original.sample([150.0], 4, seed=2).scores)
+
+
+def test_template_decoder_puts_new_compositions_on_training_prototypes(trained, data):
+    """Template samples keep a training crystal's site pattern (framework match) but are never that crystal."""
+    batch = trained.with_sampling(decoder="template").sample([80.0, 300.0], 24, seed=7)
+    assert len(batch) == 48 and all(len(s.composition.elements) >= 2 for s in batch.structures)
+    frameworks = StructureMatcher(comparator=FrameworkComparator(), primitive_cell=False)
+    species = StructureMatcher(primitive_cell=False)
+    on_a_prototype = [any(frameworks.fit(s, ref) for ref in data[0] if len(ref) == len(s)) for s in batch.structures]
+    assert np.mean(on_a_prototype) > 0.8  # the rest had no compatible template and went to Langevin
+    assert not any(species.fit(s, ref) for s in batch.structures for ref in data[0] if len(ref) == len(s))
+    assert not np.array_equal(batch.scores, trained.sample([80.0, 300.0], 24, seed=7).scores)
+
+
+def test_template_bank_decorates_by_counts_scales_by_vegard_and_skips_what_it_cannot_place():
+    vocab = ["Al", "Ti", "Fe", "Ni"]
+    b2 = Crystal(np.array([2, 0]), np.array([[0.0, 0, 0], [0.5, 0.5, 0.5]]), lattice_params(np.eye(3) * 2.9, 2))
+    l12 = Crystal(
+        np.array([1, 0, 0, 0]),
+        np.array([[0.0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]),
+        lattice_params(np.eye(3) * 3.98, 4),
+    )
+    bank = TemplateBank([b2, l12], torch.zeros(2, 3))
+    gen = torch.Generator().manual_seed(0)
+    ni3ti, feal, nial, ti2 = (np.array(t) for t in ([3, 3, 1, 3], [2, 0], [3, 0], [1, 1, 1]))
+    placed = bank.place(torch.zeros(4, 3), [ni3ti, feal, nial, ti2], vocab, k=4, gen=gen)
+    assert placed[1] is None  # FeAl is the B2 template itself: a training duplicate
+    assert placed[3] is None  # no template with a 3-atom pattern
+    assert list(placed[0].types) == [1, 3, 3, 3]  # Ti on the L1_2 corner, Ni on the faces
+    assert list(placed[2].types) == [3, 0] and np.array_equal(placed[2].frac, b2.frac)
+    old_volume = sum(Element(s).metallic_radius ** 3 for s in ("Fe", "Al"))
+    new_volume = sum(Element(s).metallic_radius ** 3 for s in ("Ni", "Al"))
+    volumes = [
+        abs(np.linalg.det(lattice_matrices(torch.from_numpy(c.lattice)[None].double(), torch.tensor([2]))[0]))
+        for c in (b2, placed[2])
+    ]
+    assert volumes[1] / volumes[0] == pytest.approx(new_volume / old_volume)
+    restored = TemplateBank.from_state(bank.state(), "cpu")
+    assert len(restored) == 2 and np.array_equal(restored.crystals[1].frac, l12.frac)
 
 
 def test_untrained_generator_and_bad_inputs_fail_clearly(trained, data):

@@ -60,7 +60,6 @@ import copy
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -75,83 +74,23 @@ from tqdm.auto import tqdm
 from core.device import resolve_device
 from core.generator.base import Generator, SampleBatch
 from core.generator.configs import CDVAEConfig
+from core.generator.crystals import (
+    LAT_DIM,
+    Crystal,
+    CrystalTensors,
+    collate,
+    crystal_of,
+    lattice_matrices,
+    split,
+)
+from core.generator.templates import TemplateBank
 from core.metrics import validity_problems
 from core.structures import symmetrize
 
-CHECKPOINT_FORMAT = 3
-_LAT_DIM = 6
+CHECKPOINT_FORMAT = 4
 
 
 # ---------------------------------------------------------------- data
-@dataclass
-class CrystalTensors:
-    """A batch of crystals as flat tensors: one row per atom (``types``, ``frac``, ``batch``), one per crystal."""
-
-    types: Tensor  # (N,) vocabulary index
-    frac: Tensor  # (N, 3) in [0, 1)
-    lattice: Tensor  # (B, 6) ``lattice_params``, not standardized
-    num_atoms: Tensor  # (B,)
-    batch: Tensor  # (N,) crystal index of each atom
-
-    @property
-    def n_crystals(self) -> int:
-        return int(self.num_atoms.numel())
-
-    def to(self, device: torch.device | str) -> CrystalTensors:
-        parts = (self.types, self.frac, self.lattice, self.num_atoms, self.batch)
-        return CrystalTensors(*(t.to(device) for t in parts))
-
-
-@dataclass
-class _Crystal:
-    types: np.ndarray
-    frac: np.ndarray
-    lattice: np.ndarray
-
-
-_TRIL = (np.array([0, 1, 1, 2, 2, 2]), np.array([0, 0, 1, 0, 1, 2]))
-_DIAG = np.array([True, False, True, False, False, True])
-
-
-def lattice_params(matrix: np.ndarray, n_atoms: int) -> np.ndarray:
-    """Six numbers for a cell: the lower Cholesky factor of its metric tensor / N^(1/3), diagonal as logs."""
-    chol = np.linalg.cholesky(matrix @ matrix.T) / n_atoms ** (1 / 3)
-    values = chol[_TRIL]
-    values[_DIAG] = np.log(values[_DIAG])
-    return values
-
-
-def lattice_matrices(params: Tensor, num_atoms: Tensor) -> Tensor:
-    """The (B, 3, 3) lattices (rows are vectors, Å) of ``lattice_params`` rows; always of positive volume."""
-    diag = torch.as_tensor(_DIAG, device=params.device)
-    values = torch.where(diag, torch.exp(params.clamp(-10.0, 10.0)), params)
-    chol = params.new_zeros(len(params), 3, 3)
-    chol[:, _TRIL[0], _TRIL[1]] = values
-    return chol * num_atoms.to(params.dtype).pow(1 / 3).reshape(-1, 1, 1)
-
-
-def _crystal(structure: Structure, index: dict[str, int]) -> _Crystal:
-    """Niggli-reduced cell of a structure as arrays; raises ValueError for an element outside the vocabulary."""
-    reduced = structure.get_reduced_structure()
-    symbols = [site.specie.symbol for site in reduced]
-    unknown = sorted(set(symbols) - set(index))
-    if unknown:
-        raise ValueError(f"elements {unknown} are not in the generator's vocabulary")
-    lat = lattice_params(reduced.lattice.matrix, len(reduced))
-    return _Crystal(np.array([index[s] for s in symbols]), np.mod(reduced.frac_coords, 1.0), lat)
-
-
-def _collate(crystals: Sequence[_Crystal]) -> CrystalTensors:
-    num = torch.tensor([len(c.types) for c in crystals])
-    return CrystalTensors(
-        types=torch.from_numpy(np.concatenate([c.types for c in crystals])).long(),
-        frac=torch.from_numpy(np.concatenate([c.frac for c in crystals])).float(),
-        lattice=torch.from_numpy(np.stack([c.lattice for c in crystals])).float(),
-        num_atoms=num,
-        batch=torch.repeat_interleave(torch.arange(len(crystals)), num),
-    )
-
-
 def fully_connected_edges(num_atoms: Tensor) -> tuple[Tensor, Tensor]:
     """(src, dst) of every ordered pair of distinct atoms within each crystal of a flat batch."""
     device = num_atoms.device
@@ -286,7 +225,7 @@ class CSPLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.w_dst = nn.Linear(hidden, hidden)
         self.w_src = nn.Linear(hidden, hidden, bias=False)
-        self.w_lat = nn.Linear(_LAT_DIM, hidden, bias=False)
+        self.w_lat = nn.Linear(LAT_DIM, hidden, bias=False)
         self.w_fourier = nn.Linear(6 * n_freq, hidden, bias=False)
         self.edge = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.node = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -311,7 +250,7 @@ class CDVAE(nn.Module):
         self.enc_layers = nn.ModuleList(CSPLayer(h, c.n_freq) for _ in range(c.encoder_layers))
         self.enc_out = _mlp(h, h, 2 * c.latent_dim)
         self.dec_natom = _mlp(c.latent_dim, h, c.max_atoms)
-        self.dec_lattice = _mlp(c.latent_dim, h, _LAT_DIM)
+        self.dec_lattice = _mlp(c.latent_dim, h, LAT_DIM)
         self.dec_comp = _mlp(c.latent_dim, h, n_types)
         self.dec_nelem = _mlp(c.latent_dim, h, c.max_atoms)  # class i: i + 1 elements
         self.prop_head = _mlp(c.latent_dim, h, 1)
@@ -323,8 +262,8 @@ class CDVAE(nn.Module):
         sigmas = torch.exp(torch.linspace(math.log(c.sigma_max), math.log(c.sigma_min), c.n_noise_levels))
         self.register_buffer("sigmas", sigmas)  # descending
         self.register_buffer("sigma_norm", self._sigma_norm(sigmas))
-        self.register_buffer("lat_mean", torch.zeros(_LAT_DIM))
-        self.register_buffer("lat_std", torch.ones(_LAT_DIM))
+        self.register_buffer("lat_mean", torch.zeros(LAT_DIM))
+        self.register_buffer("lat_std", torch.ones(LAT_DIM))
         self.register_buffer("logk_mean", torch.zeros(()))
         self.register_buffer("logk_std", torch.ones(()))
 
@@ -428,6 +367,20 @@ class CDVAE(nn.Module):
 
     # ---- sampling ----
     @torch.no_grad()
+    def decode_cell(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What z fixes before any coordinate: atom counts, standardized lattice codes, flat atom types.
+
+        At least ``min_elements`` atoms and elements per crystal (``composition_counts``).
+        """
+        c = self.config
+        natom_logits = self.dec_natom(z)
+        natom_logits[:, : min(c.min_elements, c.max_atoms) - 1] = -torch.inf  # too few atoms for an alloy
+        num_atoms = natom_logits.argmax(-1) + 1
+        comp = torch.softmax(self.dec_comp(z), -1)
+        n_elements = (self.dec_nelem(z).argmax(-1) + 1).clamp_min(c.min_elements)
+        return num_atoms, self.dec_lattice(z), composition_types(comp, num_atoms, n_elements)
+
+    @torch.no_grad()
     def decode(self, z: Tensor, gen: torch.Generator) -> CrystalTensors:
         """Crystals from latents by annealed Langevin dynamics down the noise levels, then a short repulsion.
 
@@ -438,14 +391,8 @@ class CDVAE(nn.Module):
         """
         c = self.config
         device = z.device
-        natom_logits = self.dec_natom(z)
-        natom_logits[:, : min(c.min_elements, c.max_atoms) - 1] = -torch.inf  # too few atoms for an alloy
-        num_atoms = natom_logits.argmax(-1) + 1
-        lat_std = self.dec_lattice(z)
-        comp = torch.softmax(self.dec_comp(z), -1)
+        num_atoms, lat_std, types = self.decode_cell(z)
         batch = torch.repeat_interleave(torch.arange(len(z), device=device), num_atoms)
-        n_elements = (self.dec_nelem(z).argmax(-1) + 1).clamp_min(c.min_elements)
-        types = composition_types(comp, num_atoms, n_elements)
         frac = torch.rand(len(batch), 3, generator=gen, device=device)
         edges = fully_connected_edges(num_atoms)
         n_levels = len(self.sigmas)
@@ -545,6 +492,8 @@ class CDVAEGenerator(Generator):
         self.vocab: list[str] = []
         self.vae: CDVAE | None = None
         self.prior: LatentPrior | None = None
+        self.templates: TemplateBank | None = None
+        """The training crystals and their latents, for ``decoder="template"``; set by training."""
         self.metrics: dict[str, Any] = {}
 
     # ---- helpers ----
@@ -565,16 +514,21 @@ class CDVAEGenerator(Generator):
         too_big = [len(s) for s in structures if len(s) > self.config.max_atoms]
         if too_big:
             raise ValueError(f"{len(too_big)} structures exceed max_atoms={self.config.max_atoms}")
-        return _collate([_crystal(s, index) for s in structures]).to(self.device)
+        return collate([crystal_of(s, index) for s in structures]).to(self.device)
 
     def to_structures(self, x: CrystalTensors) -> list[Structure]:
         """pymatgen Structures from a tensor batch."""
-        bounds = np.cumsum(x.num_atoms.cpu().numpy())[:-1]
-        types = np.split(x.types.cpu().numpy(), bounds)
-        fracs = np.split(x.frac.cpu().numpy().astype(float), bounds)
-        matrices = lattice_matrices(x.lattice.double(), x.num_atoms).cpu().numpy()
+        return self._structures(split(x))
+
+    def _structures(self, crystals: Sequence[Crystal]) -> list[Structure]:
+        """pymatgen Structures from host arrays (cells built in double precision)."""
+        if not crystals:
+            return []
+        params = torch.from_numpy(np.stack([c.lattice for c in crystals])).double()
+        matrices = lattice_matrices(params, torch.tensor([len(c.types) for c in crystals])).numpy()
         return [
-            Structure(Lattice(m), [self.vocab[i] for i in t], f) for t, f, m in zip(types, fracs, matrices, strict=True)
+            Structure(Lattice(m), [self.vocab[i] for i in c.types], c.frac)
+            for c, m in zip(crystals, matrices, strict=True)
         ]
 
     @torch.no_grad()
@@ -616,7 +570,7 @@ class CDVAEGenerator(Generator):
         return list(order.split(batch_size))
 
     def _fit_vae(
-        self, crystals: list[_Crystal], k: Tensor, weights: Tensor, epochs: int, lr: float, progress: bool
+        self, crystals: list[Crystal], k: Tensor, weights: Tensor, epochs: int, lr: float, progress: bool
     ) -> dict[str, float]:
         """Step 1: the VAE and its property head, ``epochs`` of cosine-annealed AdamW from the current weights."""
         vae, _ = self._ready()
@@ -629,7 +583,7 @@ class CDVAEGenerator(Generator):
         for _ in tqdm(range(epochs), desc="VAE", disable=not progress):
             sums = dict.fromkeys([*loss_weights, "total"], 0.0)
             for idx in self._epoch_batches(weights, c.batch_size):
-                x = _collate([crystals[i] for i in idx]).to(self.device)
+                x = collate([crystals[i] for i in idx]).to(self.device)
                 terms = vae.losses(x, k[idx.to(self.device)])
                 total = sum(loss_weights[name] * value for name, value in terms.items())
                 opt.zero_grad()
@@ -645,11 +599,11 @@ class CDVAEGenerator(Generator):
         return last
 
     @torch.no_grad()
-    def _encoded_means(self, crystals: list[_Crystal]) -> Tensor:
+    def _encoded_means(self, crystals: list[Crystal]) -> Tensor:
         vae, _ = self._ready()
         vae.eval()
         parts = [
-            vae.encode(_collate([crystals[i] for i in idx]).to(self.device))[0]
+            vae.encode(collate([crystals[i] for i in idx]).to(self.device))[0]
             for idx in torch.arange(len(crystals)).split(512)
         ]
         return torch.cat(parts)
@@ -699,7 +653,7 @@ class CDVAEGenerator(Generator):
         vae, prior = self._ready()
         index = {s: i for i, s in enumerate(self.vocab)}
         keep = [i for i in keep if all(site.specie.symbol in index for site in structures[i])]
-        crystals = [_crystal(structures[i], index) for i in keep]
+        crystals = [crystal_of(structures[i], index) for i in keep]
         k = torch.tensor([float(k_vrh[i]) for i in keep], device=self.device)
         w = torch.tensor([1.0 if weights is None else float(weights[i]) for i in keep])
         if bool((w < 0).any()) or float(w.sum()) <= 0:
@@ -715,6 +669,7 @@ class CDVAEGenerator(Generator):
         if fresh:
             prior.z_mean.copy_(mus.mean(0))
             prior.z_std.copy_(mus.std(0).clamp_min(1e-4))
+        self.templates = TemplateBank(crystals, mus)
         prior_loss = self._fit_prior(mus, vae.k_to_standard(k), w, epochs[1], lr[1], progress)
         with torch.no_grad():
             k_head = vae.predict_k(mus)
@@ -792,7 +747,7 @@ class CDVAEGenerator(Generator):
         c = self.config
         for k in k_all.split(c.sample_batch):
             z = prior.sample(vae.k_to_standard(k), gen, c.prior_guidance, c.prior_clip)
-            structures += self.to_structures(vae.decode(z, gen))
+            structures += self._structures(self._decode(vae, z, gen))
         if c.symprec > 0:
             structures = [symmetrize(s, c.symprec) for s in structures]
         scores = np.concatenate(
@@ -800,6 +755,21 @@ class CDVAEGenerator(Generator):
         )
         problems = validity_problems(structures, device=str(self.device))  # batched on the model's device
         return SampleBatch(structures, k_all.cpu().numpy().astype(float), scores, problems)
+
+    def _decode(self, vae: CDVAE, z: Tensor, gen: torch.Generator) -> list[Crystal]:
+        """Crystals for latents ``z`` by the configured decoder; the template decoder's misses go to Langevin."""
+        if self.config.decoder == "langevin":
+            return split(vae.decode(z, gen))
+        if self.templates is None:
+            raise RuntimeError("this generator has no template bank (trained before templates existed): retrain it")
+        num_atoms, _, types = vae.decode_cell(z)
+        per_crystal = [t.numpy() for t in torch.split(types.cpu(), num_atoms.cpu().tolist())]
+        placed = self.templates.place(z, per_crystal, self.vocab, self.config.template_neighbours, gen)
+        missing = [i for i, crystal in enumerate(placed) if crystal is None]
+        if missing:
+            for i, crystal in zip(missing, split(vae.decode(z[missing], gen)), strict=True):
+                placed[i] = crystal
+        return [crystal for crystal in placed if crystal is not None]
 
     def with_sampling(self, **options: Any) -> CDVAEGenerator:
         """The same trained model sampling with other ``CDVAEConfig.SAMPLING`` options (guidance, symprec, ...).
@@ -815,7 +785,7 @@ class CDVAEGenerator(Generator):
         vae, prior = self._ready()
         config = CDVAEConfig.model_validate({**self.config.model_dump(), **options})
         other = CDVAEGenerator(config, device=str(self.device))
-        other.vocab, other.prior, other.metrics = self.vocab, prior, self.metrics
+        other.vocab, other.prior, other.metrics, other.templates = self.vocab, prior, self.metrics, self.templates
         other.vae = vae.with_config(config)
         return other
 
@@ -856,6 +826,7 @@ class CDVAEGenerator(Generator):
                 "metrics_json": json.dumps(self.metrics, sort_keys=True),
                 "vae": {k: v.cpu() for k, v in vae.state_dict().items()},
                 "prior": {k: v.cpu() for k, v in prior.state_dict().items()},
+                "templates": self.templates.state() if self.templates is not None else {},
             },
             path,
         )
@@ -875,4 +846,6 @@ class CDVAEGenerator(Generator):
         vae.eval()
         prior.eval()
         gen.metrics = json.loads(ckpt["metrics_json"])
+        if ckpt["templates"]:
+            gen.templates = TemplateBank.from_state(ckpt["templates"], gen.device)
         return gen

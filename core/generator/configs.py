@@ -78,6 +78,14 @@ class CDVAEConfig(BaseModel):
     symprec: float = Field(
         0.1, ge=0, description="Å: snap each decoded crystal to the space group spglib finds at this tolerance; 0 = off"
     )
+    decoder: Literal["langevin", "template"] = Field(
+        "langevin",
+        description="where coordinates come from: annealed Langevin dynamics of the denoiser, or the site pattern "
+        "of a nearby training crystal with the decoded composition (core.generator.templates)",
+    )
+    template_neighbours: int = Field(
+        8, ge=1, description="template decoder: draw the template among this many nearest compatible ones in z"
+    )
 
     SAMPLING: ClassVar[frozenset[str]] = frozenset(
         {
@@ -90,6 +98,8 @@ class CDVAEConfig(BaseModel):
             "sample_batch",
             "min_elements",
             "symprec",
+            "decoder",
+            "template_neighbours",
         }
     )
     """Fields that only change how a trained model samples: a trained model may be resampled with others."""
