@@ -266,7 +266,9 @@ def test_template_decoder_puts_new_compositions_on_training_prototypes(trained, 
     frameworks = StructureMatcher(comparator=FrameworkComparator(), primitive_cell=False)
     species = StructureMatcher(primitive_cell=False)
     on_a_prototype = [any(frameworks.fit(s, ref) for ref in data[0] if len(ref) == len(s)) for s in batch.structures]
-    assert np.mean(on_a_prototype) > 0.8  # the rest had no compatible template and went to Langevin
+    templated = np.array(batch.decoders) == "template"
+    assert templated.mean() > 0.8 and set(batch.decoders) <= {"template", "langevin"}
+    assert all(np.array(on_a_prototype)[templated])  # the misses had no compatible template: Langevin made them
     assert not any(species.fit(s, ref) for s in batch.structures for ref in data[0] if len(ref) == len(s))
     assert not np.array_equal(batch.scores, trained.sample([80.0, 300.0], 24, seed=7).scores)
 
@@ -279,12 +281,15 @@ def test_template_bank_decorates_by_counts_scales_by_vegard_and_skips_what_it_ca
         np.array([[0.0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]),
         lattice_params(np.eye(3) * 3.98, 4),
     )
-    bank = TemplateBank([b2, l12], torch.zeros(2, 3))
+    b2_tial = Crystal(np.array([1, 0]), b2.frac.copy(), lattice_params(np.eye(3) * 3.1, 2))
+    bank = TemplateBank([b2, l12, b2_tial], torch.tensor([[0.0, 0, 0], [0, 0, 0], [9, 9, 9]]))
     gen = torch.Generator().manual_seed(0)
-    ni3ti, feal, nial, ti2 = (np.array(t) for t in ([3, 3, 1, 3], [2, 0], [3, 0], [1, 1, 1]))
-    placed = bank.place(torch.zeros(4, 3), [ni3ti, feal, nial, ti2], vocab, k=4, gen=gen)
+    decoded = [[3, 3, 1, 3], [2, 0], [3, 0], [1, 1, 1], [0, 1], [2, 3, 2, 3]]  # Ni3Ti, FeAl, NiAl, Ti3, TiAl, Fe2Ni2
+    placed = bank.place(torch.zeros(6, 3), [np.array(t) for t in decoded], vocab, k=1, gen=gen)
+    assert list(placed[5].types) == [3, 2, 2, 2]  # no 2 + 2 template: the nearest 4-atom pattern, L1_2 Fe3Ni
     assert placed[1] is None  # FeAl is the B2 template itself: a training duplicate
     assert placed[3] is None  # no template with a 3-atom pattern
+    assert placed[4] is None  # B2 TiAl is in the bank: decorating the B2 FeAl template with it is no new crystal
     assert list(placed[0].types) == [1, 3, 3, 3]  # Ti on the L1_2 corner, Ni on the faces
     assert list(placed[2].types) == [3, 0] and np.array_equal(placed[2].frac, b2.frac)
     old_volume = sum(Element(s).metallic_radius ** 3 for s in ("Fe", "Al"))
@@ -294,8 +299,13 @@ def test_template_bank_decorates_by_counts_scales_by_vegard_and_skips_what_it_ca
         for c in (b2, placed[2])
     ]
     assert volumes[1] / volumes[0] == pytest.approx(new_volume / old_volume)
+    assert bank.prototypes[0] == bank.prototypes[2] == (221, ("a", "b")) and bank.prototypes[1] == (
+        221,
+        ("a", "c", "c", "c"),
+    )
     restored = TemplateBank.from_state(bank.state(), "cpu")
-    assert len(restored) == 2 and np.array_equal(restored.crystals[1].frac, l12.frac)
+    assert len(restored) == 3 and np.array_equal(restored.crystals[1].frac, l12.frac)
+    assert restored.prototypes == bank.prototypes
 
 
 def test_untrained_generator_and_bad_inputs_fail_clearly(trained, data):

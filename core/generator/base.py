@@ -31,12 +31,15 @@ class SampleBatch:
     scores: np.ndarray
     problems: list[str | None] | None = None
     """Why each sample is invalid (``core.metrics.validity_problems``), None where valid; None if not checked."""
+    decoders: list[str] | None = None
+    """How each sample's coordinates were made (e.g. ``template``, ``langevin``), where the generator says."""
 
     def __post_init__(self) -> None:
         if not len(self.structures) == len(self.targets) == len(self.scores):
             raise ValueError("structures, targets and scores must have the same length")
-        if self.problems is not None and len(self.problems) != len(self.structures):
-            raise ValueError("problems must have one entry per structure")
+        for name in ("problems", "decoders"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != len(self.structures):
+                raise ValueError(f"{name} must have one entry per structure")
 
     def __len__(self) -> int:
         return len(self.structures)
@@ -45,7 +48,8 @@ class SampleBatch:
         """The samples at ``indices``, in that order."""
         idx = np.asarray(indices, dtype=int)
         problems = None if self.problems is None else [self.problems[i] for i in idx]
-        return SampleBatch([self.structures[i] for i in idx], self.targets[idx], self.scores[idx], problems)
+        decoders = None if self.decoders is None else [self.decoders[i] for i in idx]
+        return SampleBatch([self.structures[i] for i in idx], self.targets[idx], self.scores[idx], problems, decoders)
 
 
 class Generator(ABC):

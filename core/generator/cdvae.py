@@ -744,32 +744,39 @@ class CDVAEGenerator(Generator):
         gen = torch.Generator(device=self.device).manual_seed(seed)
         k_all = torch.tensor([float(t) for t in targets for _ in range(n)], device=self.device)
         structures: list[Structure] = []
+        decoders: list[str] = []
         c = self.config
         for k in k_all.split(c.sample_batch):
             z = prior.sample(vae.k_to_standard(k), gen, c.prior_guidance, c.prior_clip)
-            structures += self._structures(self._decode(vae, z, gen))
+            crystals, how = self._decode(vae, z, gen)
+            structures += self._structures(crystals)
+            decoders += how
         if c.symprec > 0:
             structures = [symmetrize(s, c.symprec) for s in structures]
         scores = np.concatenate(
             [self.score(structures[i : i + c.sample_batch]) for i in range(0, len(structures), c.sample_batch)]
         )
         problems = validity_problems(structures, device=str(self.device))  # batched on the model's device
-        return SampleBatch(structures, k_all.cpu().numpy().astype(float), scores, problems)
+        return SampleBatch(structures, k_all.cpu().numpy().astype(float), scores, problems, decoders)
 
-    def _decode(self, vae: CDVAE, z: Tensor, gen: torch.Generator) -> list[Crystal]:
-        """Crystals for latents ``z`` by the configured decoder; the template decoder's misses go to Langevin."""
+    def _decode(self, vae: CDVAE, z: Tensor, gen: torch.Generator) -> tuple[list[Crystal], list[str]]:
+        """Crystals for latents ``z`` by the configured decoder, and which decoder made each.
+
+        The template decoder's misses (no compatible template) go to Langevin.
+        """
         if self.config.decoder == "langevin":
-            return split(vae.decode(z, gen))
+            return split(vae.decode(z, gen)), ["langevin"] * len(z)
         if self.templates is None:
             raise RuntimeError("this generator has no template bank (trained before templates existed): retrain it")
         num_atoms, _, types = vae.decode_cell(z)
         per_crystal = [t.numpy() for t in torch.split(types.cpu(), num_atoms.cpu().tolist())]
         placed = self.templates.place(z, per_crystal, self.vocab, self.config.template_neighbours, gen)
         missing = [i for i, crystal in enumerate(placed) if crystal is None]
+        decoders = ["template"] * len(z)
         if missing:
             for i, crystal in zip(missing, split(vae.decode(z[missing], gen)), strict=True):
-                placed[i] = crystal
-        return [crystal for crystal in placed if crystal is not None]
+                placed[i], decoders[i] = crystal, "langevin"
+        return [crystal for crystal in placed if crystal is not None], decoders
 
     def with_sampling(self, **options: Any) -> CDVAEGenerator:
         """The same trained model sampling with other ``CDVAEConfig.SAMPLING`` options (guidance, symprec, ...).
