@@ -33,6 +33,7 @@ from core.fam import FamSettings
 from core.generator.configs import PresetName as GeneratorPreset
 from flows.generate import DEFAULT_TARGETS, GenerateParams, generate
 from flows.label import LabelParams, label
+from flows.locking import loop_lock
 from flows.screen import ScreenParams, screen
 from flows.train import TrainParams, train
 from storage import Lake
@@ -119,12 +120,13 @@ def _parents(lake: Lake, params: LoopParams, iteration: int) -> dict[str, str | 
     return {"parent_predictor": rows[0]["predictor_model_id"], "parent_generator": rows[0]["generator_model_id"]}
 
 
-def _stage_params(params: LoopParams, lake: Lake, iteration: int) -> dict[str, BaseModel]:
-    """Each stage's own parameter model, built from the loop's."""
+def _stage_params(params: LoopParams, lake: Lake, iteration: int, loop_run_id: str = "") -> dict[str, BaseModel]:
+    """Each stage's own parameter model, built from the loop's (``loop_run_id``: the lock they join)."""
     lake_url = lake.url
     return {
         "train": TrainParams(
             lake_url=lake_url,
+            loop_run_id=loop_run_id,
             what=["predictor", "generator"],
             predictor_config=params.predictor_config,
             generator_config=params.generator_config,
@@ -135,6 +137,7 @@ def _stage_params(params: LoopParams, lake: Lake, iteration: int) -> dict[str, B
         ),
         "generate": GenerateParams(
             lake_url=lake_url,
+            loop_run_id=loop_run_id,
             iteration=iteration,
             targets=params.targets,
             samples_per_kept=params.samples_per_kept,
@@ -145,6 +148,7 @@ def _stage_params(params: LoopParams, lake: Lake, iteration: int) -> dict[str, B
         ),
         "screen": ScreenParams(
             lake_url=lake_url,
+            loop_run_id=loop_run_id,
             iteration=iteration,
             gnn_tolerance=params.gnn_tolerance,
             fam_tolerance=params.fam_tolerance,
@@ -153,6 +157,7 @@ def _stage_params(params: LoopParams, lake: Lake, iteration: int) -> dict[str, B
         ),
         "label": LabelParams(
             lake_url=lake_url,
+            loop_run_id=loop_run_id,
             iteration=iteration,
             preset=params.dft_preset,
             limit=params.dft_limit,
@@ -195,6 +200,17 @@ def active_learning(params: LoopParams | None = None) -> list[dict[str, Any]]:
     logger = get_run_logger()
     lake = Lake(params.lake_url)
     run_id = str(flow_run.get_id() or "") or None
+    with loop_lock(lake) as holder:  # a second loop on this lake is refused here, naming this run
+        logger.info("holding the loop lock of %s as %s", lake.url, holder.describe())
+        with lake.exclusive("ingest"):  # no writer can be mid-write now: clear what killed writers left
+            swept = lake.sweep_partial()
+        if swept:
+            logger.info("removed %d partial files that killed writers left: %s", len(swept), ", ".join(swept[:5]))
+        return _iterations(params, lake, run_id, holder.token, logger)
+
+
+def _iterations(params: LoopParams, lake: Lake, run_id: str | None, token: str, logger: Any) -> list[dict[str, Any]]:
+    """The loop's iterations, under its lock; stage flows join the lock with ``token``."""
     summaries: list[dict[str, Any]] = []
     for iteration in range(params.first_iteration, params.first_iteration + params.iterations):
         if _finished(lake, iteration, params.targets):
@@ -202,7 +218,7 @@ def active_learning(params: LoopParams | None = None) -> list[dict[str, Any]]:
             summaries += lake.query("SELECT * FROM iterations WHERE iteration = ?", [iteration]).to_pylist()
             continue
         wall: dict[str, float] = {}
-        stages = _stage_params(params, lake, iteration)
+        stages = _stage_params(params, lake, iteration, token)
         for stage, stage_params in stages.items():
             logger.info("iteration %d: %s (%s)", iteration, stage, params.mode)
             t0 = time.perf_counter()

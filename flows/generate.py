@@ -16,6 +16,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import current
 from tasks.common import in_lake
@@ -47,6 +48,9 @@ class GenerateParams(BaseModel):
     """What ranks samples for keep-best: "head" (the generator's property head) or a CGCNN checkpoint path."""
     grader: str | None = None
     """Path of a frozen CGCNN checkpoint that grades every raw sample (recorded in ``generations``)."""
+    loop_run_id: str = ""
+    """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
+    a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
 
 @flow(name="generate", log_prints=True)
@@ -59,49 +63,52 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
     params = params or GenerateParams()
     if any(t <= 0 for t in params.targets):
         raise ValueError(f"targets must be positive K_vrh values in GPa, got {params.targets}")
-    logger = get_run_logger()
     lake = Lake(params.lake_url)
-    lake_url = lake.url
-    model_id, _ = load_registered_generator(lake_url, params.model_id)
-    done = {row["target"] for row in current(lake, params.iteration)}
-    run_id = str(flow_run.get_id() or "") or None
-    summary: list[dict[str, Any]] = []
-    for target in params.targets:
-        if float(target) in done:
-            logger.info("iteration %d already has candidates for %.0f GPa; skipping", params.iteration, target)
-            summary.append({"target": target, "n_sampled": 0, "n_kept": 0, "note": "already generated"})
-            continue
-        result = in_lake(sample_candidates, lake_url)(
-            lake_url,
-            model_id,
-            float(target),
-            params.n_kept,
-            params.samples_per_kept,
-            params.seed,
-            params.grader,
-            params.ranker,
+    with stage_lock(lake, "generate", params.loop_run_id):
+        logger = get_run_logger()
+        lake_url = lake.url
+        model_id, _ = load_registered_generator(lake_url, params.model_id)
+        done = {row["target"] for row in current(lake, params.iteration)}
+        run_id = str(flow_run.get_id() or "") or None
+        summary: list[dict[str, Any]] = []
+        for target in params.targets:
+            if float(target) in done:
+                logger.info("iteration %d already has candidates for %.0f GPa; skipping", params.iteration, target)
+                summary.append({"target": target, "n_sampled": 0, "n_kept": 0, "note": "already generated"})
+                continue
+            result = in_lake(sample_candidates, lake_url)(
+                lake_url,
+                model_id,
+                float(target),
+                params.n_kept,
+                params.samples_per_kept,
+                params.seed,
+                params.grader,
+                params.ranker,
+            )
+            stats = result["stats"]
+            written = write_candidates(
+                lake_url, params.iteration, model_id, float(target), result["kept"], run_id, stats
+            )
+            summary.append(
+                {
+                    "target": target,
+                    "n_sampled": stats["n_sampled"],
+                    "n_kept": written,
+                    "validity": round(stats["validity"], 3),
+                    "head_mape_kept": round(stats["mape_head_kept"], 3),
+                    "head_mape_all": round(stats["mape_head_raw"], 3),
+                    "grader_mape_all": round(stats["mape_grader_raw"], 3) if "mape_grader_raw" in stats else None,
+                    "note": "",
+                }
+            )
+        create_table_artifact(
+            table=summary,
+            key=f"generate-iteration-{params.iteration}",
+            description=(
+                f"Generated candidates, iteration {params.iteration}, generator {model_id}: samples drawn, kept "
+                f"(valid, distinct, closest by property head), validity of all samples, and the property head's "
+                f"MAPE to the target (kept / all samples)."
+            ),
         )
-        stats = result["stats"]
-        written = write_candidates(lake_url, params.iteration, model_id, float(target), result["kept"], run_id, stats)
-        summary.append(
-            {
-                "target": target,
-                "n_sampled": stats["n_sampled"],
-                "n_kept": written,
-                "validity": round(stats["validity"], 3),
-                "head_mape_kept": round(stats["mape_head_kept"], 3),
-                "head_mape_all": round(stats["mape_head_raw"], 3),
-                "grader_mape_all": round(stats["mape_grader_raw"], 3) if "mape_grader_raw" in stats else None,
-                "note": "",
-            }
-        )
-    create_table_artifact(
-        table=summary,
-        key=f"generate-iteration-{params.iteration}",
-        description=(
-            f"Generated candidates, iteration {params.iteration}, generator {model_id}: samples drawn, kept "
-            f"(valid, distinct, closest by property head), validity of all samples, and the property head's "
-            f"MAPE to the target (kept / all samples)."
-        ),
-    )
-    return {"model_id": model_id, "iteration": params.iteration, "targets": summary}
+        return {"model_id": model_id, "iteration": params.iteration, "targets": summary}

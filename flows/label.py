@@ -36,6 +36,7 @@ from core.dft import PresetName as DftPreset
 from core.elastic import ElasticResult, ElasticSettings, deformations, fit
 from core.failures import FaultInjection, as_failure
 from core.structures import from_atoms, from_row, split_of, to_atoms, to_row
+from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import advance, current
 from storage.queries import LOOP_LABEL_FLAG
@@ -140,6 +141,9 @@ class LabelParams(BaseModel):
     source: Literal["dft", "fam"] = "dft"
     """dft: label by DFT (the reference work). fam: promote the stage-II FAM K of each survivor to its
     label (rows marked fam:<model> and loop_label): cheap enough for many iterations on a laptop."""
+    loop_run_id: str = ""
+    """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
+    a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
     def settings(self) -> DftSettings:
         return preset(self.preset, **self.overrides)
@@ -432,58 +436,61 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
     logger = get_run_logger()
     lake = Lake(params.lake_url)
     params.settings()  # fail fast on an unknown preset or a bad override
-    by_structure: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for cand in current(lake, params.iteration, status="fam_pass"):
-        by_structure[cand["structure_id"]].append(cand)
-    ids = sorted(by_structure, key=lambda sid: (_fam_miss(by_structure[sid]), sid))[: params.limit or None]
-    if not ids:
-        logger.info("iteration %d: no candidates at fam_pass, nothing to label", params.iteration)
-        return []
-    rows = {
-        r["structure_id"]: r
-        for r in lake.query("SELECT * FROM structures WHERE list_contains(?, structure_id)", [ids]).to_pylist()
-    }
-    # DFT starts from the stage-II geometry: near a PBE minimum already, so the DFT relaxation is short.
-    rows.update(
-        {
-            r["parent_ids"][0]: r
-            for r in lake.query(
-                "SELECT * FROM structures WHERE source = 'fam-relaxed' AND list_has_any(parent_ids, ?) "
-                "ORDER BY created_at",
-                [ids],
-            ).to_pylist()
+    with stage_lock(lake, "label", params.loop_run_id):
+        by_structure: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for cand in current(lake, params.iteration, status="fam_pass"):
+            by_structure[cand["structure_id"]].append(cand)
+        ids = sorted(by_structure, key=lambda sid: (_fam_miss(by_structure[sid]), sid))[: params.limit or None]
+        if not ids:
+            logger.info("iteration %d: no candidates at fam_pass, nothing to label", params.iteration)
+            return []
+        rows = {
+            r["structure_id"]: r
+            for r in lake.query("SELECT * FROM structures WHERE list_contains(?, structure_id)", [ids]).to_pylist()
         }
-    )
-    run_id = runtime_flow_run.get_id()
-    if params.source == "fam":
-        return [_label_with_fam(lake, params.iteration, by_structure[sid], rows.get(sid), run_id) for sid in ids]
-    work, outcomes = [], []
-    for sid in ids:
-        if sid not in rows:
-            outcome = StructureOutcome(
-                structure_id=sid, verdict="failed", reason="bad_input at once: no structures row for this candidate"
-            )
-            _record(lake, params.iteration, by_structure[sid], outcome, run_id)
-            outcomes.append(outcome)
-            continue
-        work.append(
+        # DFT starts from the stage-II geometry: near a PBE minimum already, so the DFT relaxation is short.
+        rows.update(
             {
-                "structure_id": sid,
-                "atoms": atoms_to_dict(to_atoms(from_row(rows[sid]))),
-                "candidates": by_structure[sid],
+                r["parent_ids"][0]: r
+                for r in lake.query(
+                    "SELECT * FROM structures WHERE source = 'fam-relaxed' AND list_has_any(parent_ids, ?) "
+                    "ORDER BY created_at",
+                    [ids],
+                ).to_pylist()
             }
         )
-    logger.info(
-        "iteration %d: labeling %d structures with preset %r on %s",
-        params.iteration,
-        len(work),
-        params.preset,
-        params.runner,
-    )
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    if work:
-        outcomes += label_dft.with_options(task_runner=task_runner(params))(lake.url, params.iteration, work, params)
-    n_ok = sum(o.verdict == "labeled" for o in outcomes)
-    logger.info("iteration %d: %d labeled, %d failed", params.iteration, n_ok, len(outcomes) - n_ok)
-    return outcomes
+        run_id = runtime_flow_run.get_id()
+        if params.source == "fam":
+            return [_label_with_fam(lake, params.iteration, by_structure[sid], rows.get(sid), run_id) for sid in ids]
+        work, outcomes = [], []
+        for sid in ids:
+            if sid not in rows:
+                outcome = StructureOutcome(
+                    structure_id=sid, verdict="failed", reason="bad_input at once: no structures row for this candidate"
+                )
+                _record(lake, params.iteration, by_structure[sid], outcome, run_id)
+                outcomes.append(outcome)
+                continue
+            work.append(
+                {
+                    "structure_id": sid,
+                    "atoms": atoms_to_dict(to_atoms(from_row(rows[sid]))),
+                    "candidates": by_structure[sid],
+                }
+            )
+        logger.info(
+            "iteration %d: labeling %d structures with preset %r on %s",
+            params.iteration,
+            len(work),
+            params.preset,
+            params.runner,
+        )
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        if work:
+            outcomes += label_dft.with_options(task_runner=task_runner(params))(
+                lake.url, params.iteration, work, params
+            )
+        n_ok = sum(o.verdict == "labeled" for o in outcomes)
+        logger.info("iteration %d: %d labeled, %d failed", params.iteration, n_ok, len(outcomes) - n_ok)
+        return outcomes

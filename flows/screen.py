@@ -14,6 +14,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.fam import FamSettings
+from flows.locking import stage_lock
 from storage import Lake
 
 Stage = Literal["gnn", "fam"]
@@ -42,6 +43,9 @@ class ScreenParams(BaseModel):
     """Relaxation, structure matching and elastic settings of stage II."""
     fam_batch_size: int = Field(16, ge=1)
     """Structures per stage-II task (one cached unit of work)."""
+    loop_run_id: str = ""
+    """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
+    a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
 
 @flow(name="screen", log_prints=True)
@@ -54,31 +58,33 @@ def screen(params: ScreenParams | None = None) -> dict[str, Any]:
     params = params or ScreenParams()
     if params.stages != sorted(set(params.stages), key=["gnn", "fam"].index):
         raise ValueError(f"stages must be distinct and in funnel order (gnn, fam), got {params.stages}")
-    logger = get_run_logger()
-    lake_url = Lake(params.lake_url).url
-    summary: dict[str, Any] = {}
-    if "gnn" in params.stages:
-        from tasks.gnn_screen import screen_gnn  # stage I pulls in the predictor stack; load it only when run
+    lake = Lake(params.lake_url)
+    with stage_lock(lake, "screen", params.loop_run_id):
+        logger = get_run_logger()
+        lake_url = lake.url
+        summary: dict[str, Any] = {}
+        if "gnn" in params.stages:
+            from tasks.gnn_screen import screen_gnn  # stage I pulls in the predictor stack; load it only when run
 
-        summary["gnn"] = screen_gnn(lake_url, params.iteration, params.gnn_tolerance, params.gnn_model_id)
-    if "fam" in params.stages:
-        from tasks.fam import screen_fam
+            summary["gnn"] = screen_gnn(lake_url, params.iteration, params.gnn_tolerance, params.gnn_model_id)
+        if "fam" in params.stages:
+            from tasks.fam import screen_fam
 
-        summary["fam"] = screen_fam(
-            lake_url,
-            params.iteration,
-            params.fam_tolerance,
-            params.fam_model,
-            params.fam_settings,
-            params.fam_batch_size,
+            summary["fam"] = screen_fam(
+                lake_url,
+                params.iteration,
+                params.fam_tolerance,
+                params.fam_model,
+                params.fam_settings,
+                params.fam_batch_size,
+            )
+        create_table_artifact(
+            key=f"screen-iteration-{params.iteration}",
+            table=[
+                {"stage": stage, **{k: v for k, v in counts.items() if not isinstance(v, dict)}}
+                for stage, counts in summary.items()
+            ],
+            description=f"Screen funnel, iteration {params.iteration}",
         )
-    create_table_artifact(
-        key=f"screen-iteration-{params.iteration}",
-        table=[
-            {"stage": stage, **{k: v for k, v in counts.items() if not isinstance(v, dict)}}
-            for stage, counts in summary.items()
-        ],
-        description=f"Screen funnel, iteration {params.iteration}",
-    )
-    logger.info("screen iteration %d: %s", params.iteration, summary)
-    return summary
+        logger.info("screen iteration %d: %s", params.iteration, summary)
+        return summary

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.cgcnn import ConfigName as CGCNNConfigName
 from core.cgcnn import code_hash, get_config
 from core.generator.configs import PresetName as GeneratorPreset
+from flows.locking import stage_lock
 from storage import Lake
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
 from tasks.common import in_lake
@@ -50,6 +51,9 @@ class TrainParams(BaseModel):
     """Train on the loop's labels; False keeps to the seed data (the benchmark's no-feedback arm)."""
     model_seed: int | None = None
     """Training seed of both models instead of their configs' (independently trained models of one config)."""
+    loop_run_id: str = ""
+    """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
+    a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
 
 def metrics_table(model_id: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -96,35 +100,37 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
         params: Which models to train, their named configs, and whether to fine-tune registered ones.
     """
     params = params or TrainParams()
-    logger = get_run_logger()
-    lake_url = Lake(params.lake_url).url
-    trained: dict[str, str] = {}
-    if "predictor" in params.what:
-        seed = {} if params.model_seed is None else {"seed": params.model_seed}
-        config = get_config(params.predictor_config, {**params.predictor_overrides, **seed})
-        snapshot = labeled_snapshot(lake_url)
-        logger.info(
-            "predictor: %d labeled structures (data hash %s), config %s",
-            len(snapshot.rows),
-            snapshot.data_hash,
-            params.predictor_config,
-        )
-        result = in_lake(train_predictor, lake_url)(
-            lake_url,
-            config.model_dump(mode="json"),
-            snapshot.data_hash,
-            code_hash(),
-            params.parent_predictor,
-            params.new_label_weight,
-            params.feedback,
-        )
-        trained["predictor"] = result["model_id"]
-        create_table_artifact(
-            table=metrics_table(result["model_id"], result["metrics"]),
-            key="predictor-metrics",
-            description=f"CGCNN {result['model_id']}: MAE of log10 K_vrh and in GPa. "
-            f"Parity plot: {lake_url}/{result['parity_plot']}",
-        )
-    if "generator" in params.what:
-        trained["generator"] = _train_generator(params, lake_url)
-    return trained
+    lake = Lake(params.lake_url)
+    with stage_lock(lake, "train", params.loop_run_id):
+        logger = get_run_logger()
+        lake_url = lake.url
+        trained: dict[str, str] = {}
+        if "predictor" in params.what:
+            seed = {} if params.model_seed is None else {"seed": params.model_seed}
+            config = get_config(params.predictor_config, {**params.predictor_overrides, **seed})
+            snapshot = labeled_snapshot(lake_url)
+            logger.info(
+                "predictor: %d labeled structures (data hash %s), config %s",
+                len(snapshot.rows),
+                snapshot.data_hash,
+                params.predictor_config,
+            )
+            result = in_lake(train_predictor, lake_url)(
+                lake_url,
+                config.model_dump(mode="json"),
+                snapshot.data_hash,
+                code_hash(),
+                params.parent_predictor,
+                params.new_label_weight,
+                params.feedback,
+            )
+            trained["predictor"] = result["model_id"]
+            create_table_artifact(
+                table=metrics_table(result["model_id"], result["metrics"]),
+                key="predictor-metrics",
+                description=f"CGCNN {result['model_id']}: MAE of log10 K_vrh and in GPa. "
+                f"Parity plot: {lake_url}/{result['parity_plot']}",
+            )
+        if "generator" in params.what:
+            trained["generator"] = _train_generator(params, lake_url)
+        return trained

@@ -1,5 +1,5 @@
 """The lake: Parquet tables under one root, appended atomically, queried through DuckDB."""
 
-from storage.lake import Lake
+from storage.lake import Lake, LakeLockedError, LockHolder
 
-__all__ = ["Lake"]
+__all__ = ["Lake", "LakeLockedError", "LockHolder"]

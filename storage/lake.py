@@ -8,11 +8,18 @@ no view reads. Rows are never rewritten: a newer row supersedes an older one for
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
+import socket
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,53 @@ _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
 
 class ReadOnlyQueryError(ValueError):
     """Raised when a query given to the SQL entry point would change something."""
+
+
+class LakeLockedError(TimeoutError):
+    """A lake lock is held by another run; the message names it (what, pid, host, since when)."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a lake lock: written into the lock file so that a refused writer can name it."""
+
+    who: str
+    token: str
+    pid: int
+    host: str
+    since: datetime
+
+    def describe(self) -> str:
+        if not self.pid:  # a record this code did not write
+            return self.who
+        return f"{self.who} (pid {self.pid} on {self.host}, since {self.since:%Y-%m-%d %H:%M:%S} UTC)"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "who": self.who,
+            "token": self.token,
+            "pid": self.pid,
+            "host": self.host,
+            "since": self.since.isoformat(),
+        }
+
+
+_WARNED_REMOTE: set[str] = set()
+
+
+def _read_holder(fh: Any) -> LockHolder | None:
+    """The holder record of a lock file (None while the holder has not written it yet, or for an old format)."""
+    for _ in range(10):  # the holder writes its record just after taking the lock
+        fh.seek(0)
+        text = fh.read().strip()
+        if text:
+            try:
+                d = json.loads(text)
+                return LockHolder(d["who"], d["token"], int(d["pid"]), d["host"], datetime.fromisoformat(d["since"]))
+            except (ValueError, KeyError, TypeError):
+                return LockHolder(text, "", 0, "", utcnow())
+        time.sleep(0.05)
+    return None
 
 
 def _duck_type(t: pa.DataType) -> str:
@@ -68,56 +122,98 @@ class Lake:
         p = self.fs.protocol
         return p[0] if isinstance(p, tuple) else p
 
-    # ---------- writers ----------
+    # ---------- locks ----------
     @contextmanager
-    def exclusive(self, name: str, timeout: float = 3600.0) -> Iterator[None]:
-        """Hold the lake's ``name`` lock: writers that check what is there and then append take it.
+    def exclusive(
+        self, name: str, timeout: float = 3600.0, *, who: str = "", token: str = "", join: str = ""
+    ) -> Iterator[LockHolder]:
+        """Hold the lake's ``name`` lock; yields the holder record (``who``, ``token``, pid, host, start).
 
-        On a local lake it is an advisory ``flock`` on ``<lake>/.locks/<name>.lock``: the kernel
-        drops it when its holder exits, SIGKILL included, so a lock is never stale. A second
-        writer waits (saying who holds the lock) and raises TimeoutError after ``timeout`` s.
-        On an fsspec lake (object stores have no locks) it holds nothing: there, run one writer
-        of a kind at a time.
+        Writers that check what is there and then append take it (``ingest``); a loop run holds
+        ``loop`` from start to end. The lock is an advisory ``flock`` on ``<lake>/.locks/<name>.lock``:
+        the kernel drops it when its holder exits, SIGKILL included, so a lock is never stale, and
+        the file names the holder. While another holds it, this waits up to ``timeout`` s (0: not at
+        all) and then raises :class:`LakeLockedError` naming the holder. ``join`` shares a lock
+        already held under that token (a loop's own stage flows, in this process or another) instead
+        of waiting: the joiner holds nothing itself. ``token`` defaults to a new random one.
+
+        A non-local (fsspec) lake has no lock a process death frees: its lock file lives on this
+        host (``<cache_dir>/locks``), so it excludes writers on this machine only (logged once).
         """
-        if not self.local:
-            yield
-            return
         import fcntl
-        import socket
         import sys
-        import time
 
-        lock_dir = Path(self.path(".locks"))
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        path = lock_dir / f"{name}.lock"
+        path = self._lock_path(name)
+        token = token or uuid.uuid4().hex
         with open(path, "a+") as fh:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + max(timeout, 0.0)
             said = False
             while True:
                 try:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    holder = _read_holder(fh)
+                    if join and holder is not None and holder.token == join:
+                        yield holder  # the lock of the run this one belongs to: share it
+                        return
+                    text = holder.describe() if holder else "another process"
+                    if time.monotonic() >= deadline:
+                        waited = f" after {timeout:.0f} s" if timeout > 0 else ""
+                        raise LakeLockedError(f"the {name} lock of {self.url} is held{waited} by {text}") from None
                     if not said:
-                        fh.seek(0)
-                        holder = fh.read().strip() or "another process"
-                        print(f"waiting for the {name} lock of {self.url}, held by {holder}", file=sys.stderr)
+                        print(f"waiting for the {name} lock of {self.url}, held by {text}", file=sys.stderr)
                         said = True
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(
-                            f"the {name} lock of {self.url} is still held after {timeout:.0f} s"
-                        ) from None
                     time.sleep(0.2)
+            holder = LockHolder(who or f"pid {os.getpid()}", token, os.getpid(), socket.gethostname(), utcnow())
             fh.seek(0)
             fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {utcnow():%Y-%m-%d %H:%M:%S} UTC\n")
+            fh.write(json.dumps(holder.as_json()) + "\n")
             fh.flush()
             try:
-                yield
+                yield holder
             finally:
                 fh.seek(0)
                 fh.truncate()
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def sweep_partial(self) -> list[str]:
+        """Delete the temporary files that killed writers left (``*.tmp`` in tables, models, figures, plots).
+
+        No view reads them, but they are partial files all the same. Call it only while no other
+        writer can be mid-write: the loop does, holding the loop lock and the ingest lock.
+        Returns the lake-relative paths removed.
+        """
+        removed = []
+        for folder in (*SCHEMAS, "models", "figures", "plots"):
+            for path in self.fs.glob(self.path(folder, "**", "*.tmp")):
+                self.fs.rm(path)
+                removed.append(path[len(self.root) :].lstrip("/"))
+        return removed
+
+    def loop_lock(self, who: str, join: str = "", token: str = "") -> AbstractContextManager[LockHolder]:
+        """The lock a loop run holds from start to end (its stage flows ``join`` it): refused at once if held."""
+        return self.exclusive("loop", timeout=0, who=who, token=token, join=join)
+
+    def _lock_path(self, name: str) -> Path:
+        if not _SAFE_PARTITION.match(name):
+            raise ValueError(f"lock name {name!r} may hold only letters, digits and ._+@-")
+        if self.local:
+            folder = Path(self.path(".locks"))
+        else:
+            folder = Path(get_settings().cache_dir).expanduser() / "locks"
+            if self.url not in _WARNED_REMOTE:
+                _WARNED_REMOTE.add(self.url)
+                logging.getLogger(__name__).warning(
+                    "%s is not a local lake: its %s lock excludes writers on this host only (%s)",
+                    self.url,
+                    name,
+                    socket.gethostname(),
+                )
+            scope = f"{self.url}#{os.getpid()}" if self._protocol == "memory" else self.url  # memory: per process
+            name = f"{hashlib.sha256(scope.encode()).hexdigest()[:16]}-{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{name}.lock"
 
     # ---------- paths ----------
     def path(self, *parts: str) -> str:

@@ -36,9 +36,15 @@ DEMO_QUERIES = {
 
 
 def _run_loop(params: object) -> None:
+    """Run the loop; a lake another loop holds is one line naming that loop, exit 1 (nothing written)."""
     from flows.active_learning import active_learning
+    from storage import LakeLockedError
 
-    active_learning(params)
+    try:
+        active_learning(params)
+    except LakeLockedError as exc:
+        console.print(f"[red]refused:[/red] {exc}; wait for it to finish or use another lake (--lake)", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
