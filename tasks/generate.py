@@ -8,6 +8,7 @@ later stage advanced back to "generated".
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,7 +19,7 @@ import numpy as np
 from prefect import task
 
 from core.cgcnn import Ensemble
-from core.generator import Generator, SampleBatch, keep_best, load_generator
+from core.generator import Generator, keep_best, load_generator
 from core.metrics import mape, validity
 from core.structures import split_of, to_row
 from storage.candidates import advance
@@ -91,7 +92,7 @@ def sample_candidates(
     if ranker != "head":
         _, ranking = load_grader(ranker)
         k = ranking.predict_rows([to_row(s) for s in batch.structures]).k_vrh
-        batch = SampleBatch(batch.structures, batch.targets, np.asarray(k, dtype=float))
+        batch = dataclasses.replace(batch, scores=np.asarray(k, dtype=float))  # validity and decoders stay
     kept, kept_index = keep_best(batch, n_kept, with_index=True)
     stats: dict[str, Any] = {
         "target": target,

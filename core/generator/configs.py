@@ -79,7 +79,7 @@ class CDVAEConfig(BaseModel):
         0.1, ge=0, description="Å: snap each decoded crystal to the space group spglib finds at this tolerance; 0 = off"
     )
     decoder: Literal["langevin", "template"] = Field(
-        "langevin",
+        "template",
         description="where coordinates come from: annealed Langevin dynamics of the denoiser, or the site pattern "
         "of a nearby training crystal with the decoded composition (core.generator.templates)",
     )
