@@ -391,7 +391,7 @@ def _label_with_fam(
     first = candidates[0]
     sid, method = first["structure_id"], f"fam:{first['fam_model']}"
     labeled_id = relaxed["structure_id"] if relaxed else sid
-    lake.append(
+    lake.append_new(  # a rerun after a kill between this write and the candidate's: the label once
         "properties",
         [
             {

@@ -247,6 +247,26 @@ class Lake:
             self._write_atomic(table, part_col, value, chunk.drop_columns([part_col]))
         return data.num_rows
 
+    def append_new(self, table: str, rows: Sequence[Mapping[str, Any]], *, run_id: str | None = None) -> int:
+        """Append the rows that are not already the current row of their key, payload for payload.
+
+        For writers whose rerun after a kill recomputes nothing (a cached result) and would append
+        the very rows the killed run had already written: a row equal to the current one of its
+        key (provenance aside) is a twin and is dropped; a changed row still supersedes. Returns
+        rows written.
+        """
+        schema = _check_table(table)
+        rows = list(rows)
+        if not rows:
+            return 0
+        keys = KEYS[table]
+        typed = _table_from_rows(rows, schema).to_pylist()  # values as the table holds them (None for missing)
+        first = sorted({r[keys[0]] for r in typed if r[keys[0]] is not None})
+        current = self.query(f"SELECT * FROM {table} WHERE list_contains(?, {keys[0]})", [first]).to_pylist()
+        have = {tuple(c[k] for k in keys): _payload(c) for c in current}
+        fresh = [r for r, t in zip(rows, typed, strict=True) if have.get(tuple(t[k] for k in keys)) != _payload(t)]
+        return self.append(table, fresh, run_id=run_id) if fresh else 0
+
     def _write_atomic(self, table: str, col: str, value: Any, data: pa.Table) -> None:
         text = str(value)
         if not _SAFE_PARTITION.match(text):
@@ -360,6 +380,14 @@ class Lake:
 CATALOG_STORAGE_VERSION = "v1.2.0"
 """The catalog file's DuckDB storage format: what DuckDB 1.2 and newer clients read (the duckdb CLI
 on the package index, ``duckdb-cli==1.5.6``, cannot open a file in DuckDB 2.0's own format)."""
+
+
+_PROVENANCE_COLUMNS = ("run_id", "code_version", "created_at")
+
+
+def _payload(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row without its provenance columns: what makes two rows of one key the same row."""
+    return {k: v for k, v in row.items() if k not in _PROVENANCE_COLUMNS}
 
 
 def _check_table(table: str) -> pa.Schema:

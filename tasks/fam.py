@@ -219,13 +219,14 @@ def screen_fam(
         chunk = ids[start : start + batch_size]
         results = {r["structure_id"]: r for r in task([_structure_cols(rows[s]) for s in chunk], model, settings)}
         outcomes = {sid: FamOutcome.model_validate(r["outcome"]) for sid, r in results.items()}
-        lake.append("jobs", [_job_row(sid, results[sid], settings, shash) for sid in chunk], run_id=run_id)
-        lake.append(
+        # append_new: a rerun after a kill gets the batch from the cache and would write its rows twice
+        lake.append_new("jobs", [_job_row(sid, results[sid], settings, shash) for sid in chunk], run_id=run_id)
+        lake.append_new(
             "properties",
             [p for sid in chunk for p in _property_rows(sid, outcomes[sid], shash, iteration)],
             run_id=run_id,
         )
-        lake.append(
+        lake.append_new(
             "structures",
             [
                 {

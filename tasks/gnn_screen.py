@@ -175,7 +175,7 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     logger.info("iteration %d: predicting K for %d structures (%d candidates)", iteration, len(ids), len(todo))
     predictions = {p["structure_id"]: p for p in in_lake(predict_k, lake_url)(lake_url, record.model_id, ids)}
     run_id = _run_id()
-    lake.append(
+    lake.append_new(  # a rerun after a kill gets the predictions from the cache: write each row once
         "properties",
         [
             {

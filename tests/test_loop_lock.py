@@ -191,3 +191,13 @@ def test_partial_files_of_killed_writers_are_swept_and_committed_ones_kept(lake)
     assert sorted(lake.sweep_partial()) == ["models/cgcnn/m.pt.tmp", f"structures/{folder.name}/part-x.parquet.tmp"]
     assert list(Path(lake.root).rglob("*.tmp")) == []
     assert lake.counts()["structures"] == 2
+
+
+def test_append_new_drops_twins_of_current_rows_and_keeps_changes(lake):
+    """What a rerun after a kill appends from a cached result: the rows already there are not written again."""
+    row = {"structure_id": "s1", "name": "k_vrh", "value": 200.0, "unit": "GPa", "method": "fam:x", "flags": ["a"]}
+    assert lake.append_new("properties", [row]) == 1
+    assert lake.append_new("properties", [row, {**row, "structure_id": "s2"}]) == 1  # s1 is a twin
+    assert lake.append_new("properties", [{**row, "value": 210.0}]) == 1  # a changed value supersedes
+    history = lake.query("SELECT structure_id, value FROM properties_history ORDER BY created_at").to_pylist()
+    assert [(r["structure_id"], r["value"]) for r in history] == [("s1", 200.0), ("s2", 200.0), ("s1", 210.0)]
