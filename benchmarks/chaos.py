@@ -8,7 +8,7 @@ child process (``--child``) that reports where it is to ``events.jsonl``: the st
 task's result. A kill is one of:
 
 - ``stage``: the parent SIGKILLs the child a seeded fraction of the reference's stage time after the
-  child enters that stage of that iteration;
+  child enters that stage of that iteration (at the stage's end, when a resumed stage ends sooner);
 - ``parquet`` / ``result``: the child SIGKILLs itself in the middle of its k-th Parquet write
   (half of the file's bytes in its temporary file) or cached-result write (half the bytes in the
   result file) from that stage on: windows of milliseconds that a timer would never hit.
@@ -22,6 +22,9 @@ committed Parquet files that do not read, stray temporary files; result files th
 candidates without a terminal status; finished tasks recomputed after a resume (a cached result
 written completely by one run and written again by a later run), beside the cache hits Prefect
 logged; and the final ``iterations`` rows against the reference's apart from times and run ids.
+
+The children import the code afresh at each rerun: run it on a tree nobody edits meanwhile (a
+``git archive`` copy), or a changed generator file changes a cache key mid-run and the final rows differ.
 
 Usage (from the repo root)::
 
@@ -305,10 +308,12 @@ def run_to_kill(args: argparse.Namespace, lake: Path, events: Path, attempt: int
             if time.time() - t0 > args.run_timeout:
                 proc.kill()
                 raise RuntimeError(f"attempt {attempt} ran past {args.run_timeout} s; see {log}")
-            if plan["kind"] == "stage" and fire_at is None:
-                mine = [e for e in read_events(events) if e["attempt"] == attempt and e["ev"] == "stage"]
-                if mine and position(mine[-1]) >= target:
+            if plan["kind"] == "stage":
+                mine = [e for e in read_events(events) if e["attempt"] == attempt and e["ev"] in ("stage", "stage-end")]
+                if fire_at is None and mine and mine[-1]["ev"] == "stage" and position(mine[-1]) >= target:
                     fire_at = time.time() + plan["delay"]
+                elif fire_at is not None and mine and (mine[-1]["ev"] == "stage-end" or position(mine[-1]) > target):
+                    fire_at = time.time()  # a resumed stage ended before the delay: kill it at its end
             if fire_at is not None and time.time() >= fire_at:
                 proc.send_signal(signal.SIGKILL)
                 sent = time.time()
