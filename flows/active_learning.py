@@ -18,19 +18,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import plots
 from core.cgcnn import ConfigName as CGCNNConfigName
 from core.dft import PresetName as DftPreset
 from core.fam import FamSettings
 from core.generator.configs import PresetName as GeneratorPreset
+from core.sizes import DEFAULT_SIZE, SIZES, SizeName, size_help
 from flows.generate import DEFAULT_TARGETS, GenerateParams, generate
 from flows.label import LabelParams, label
 from flows.locking import loop_lock
@@ -49,6 +50,10 @@ DEPLOYMENTS = {
 """Stage -> deployment (flow name / deployment name) used in deployed mode; see prefect.yaml."""
 
 
+SIZED_FIELDS = ("iterations", "n_kept", "samples_per_kept", "predictor_config", "generator_config", "label_source")
+"""The loop fields a run size sets when the user leaves them at 0 or "size" (``core.sizes``)."""
+
+
 class LoopParams(BaseModel):
     """Parameters of the active-learning loop (rendered as a form in the Prefect UI)."""
 
@@ -60,14 +65,15 @@ class LoopParams(BaseModel):
     """Target K_vrh values, GPa."""
     focus_target: float = 350.0
     """The target the summary leads with."""
-    iterations: int = Field(3, ge=1)
-    """How many iterations to run, starting at ``first_iteration``."""
+    size: SizeName = Field(DEFAULT_SIZE, description="Run size (sets every field left at 0 or 'size'): " + size_help())
+    iterations: int = Field(0, ge=0)
+    """How many iterations to run, starting at ``first_iteration``; 0: the size's."""
     first_iteration: int = Field(0, ge=0)
     """Index of the first iteration (finished iterations are skipped)."""
-    samples_per_kept: int = Field(500, ge=1)
-    """Generator samples per kept candidate (keep ratio 1:N)."""
-    n_kept: int = Field(10, ge=1)
-    """Candidates kept per target and iteration."""
+    samples_per_kept: int = Field(0, ge=0)
+    """Generator samples per kept candidate (keep ratio 1:N); 0: the size's."""
+    n_kept: int = Field(0, ge=0)
+    """Candidates kept per target and iteration; 0: the size's."""
     gnn_tolerance: float = Field(0.30, gt=0)
     """Stage I: keep candidates whose CGCNN K is within this fraction of the target."""
     fam_tolerance: float = Field(0.20, gt=0)
@@ -76,9 +82,9 @@ class LoopParams(BaseModel):
     """Stage II relaxation, structure matching (StructureMatcher ltol/stol/angle_tol) and elastic settings."""
     fam_model: str = "auto"
     """Foundation atomic model: auto (MACE-MP-0 if its weights are available, else SevenNet-0), a name or a path."""
-    label_source: Literal["dft", "fam"] = "dft"
+    label_source: Literal["size", "dft", "fam"] = "size"
     """Who labels the stage-II survivors: DFT (the reference work), or the FAM (its K becomes the label,
-    marked fam:<model> on every row: cheap enough for many iterations on a laptop)."""
+    marked fam:<model> on every row: cheap enough for many iterations on a laptop); size: the size's."""
     warm_start: bool = True
     """Iterations after the first fine-tune the previous iteration's predictor and generator."""
     new_label_weight: float = Field(DEFAULT_NEW_LABEL_WEIGHT, gt=0)
@@ -95,16 +101,26 @@ class LoopParams(BaseModel):
     """Label at most this many stage-II survivors per iteration (0: all of them)."""
     dft_runner: Literal["local", "dask", "slurm"] = "local"
     """Where DFT jobs run: in-process, local Dask workers, or SLURM jobs (the hpc pool's MATLOOP_SLURM_*)."""
-    predictor_config: CGCNNConfigName = "default"
-    """CGCNN config name (small, default)."""
-    generator_config: GeneratorPreset = "small"
-    """Generator config name (small, paper)."""
+    predictor_config: Literal[("size", *get_args(CGCNNConfigName))] = "size"  # type: ignore[valid-type]
+    """CGCNN config name (small, default); size: the size's."""
+    generator_config: Literal[("size", *get_args(GeneratorPreset))] = "size"  # type: ignore[valid-type]
+    """Generator config name (small, paper); size: the size's."""
     seed: int = 0
     """Sampling seed."""
     model_seed: int | None = None
     """Training seed of the predictor and generator instead of their configs' (independent repeats of a loop)."""
     mode: Literal["embedded", "deployed"] = "embedded"
     """embedded: stages run in this process; deployed: each stage runs on its work pool."""
+
+    @model_validator(mode="after")
+    def _fill_from_size(self) -> LoopParams:
+        """Fields left at 0 or "size" take the size's value; the run's parameters keep the size, so a resume
+        resolves the same way."""
+        size = SIZES[self.size]
+        for name in SIZED_FIELDS:
+            if getattr(self, name) in (0, "size"):
+                object.__setattr__(self, name, getattr(size, name))
+        return self
 
 
 def _parents(lake: Lake, params: LoopParams, iteration: int) -> dict[str, str | None]:
@@ -192,7 +208,8 @@ def active_learning(params: LoopParams | None = None) -> list[dict[str, Any]]:
     """Run the loop; returns the ``iterations`` rows written (or found) for each iteration.
 
     Args:
-        params: Targets, iterations and every stage's settings; the defaults run the reference case.
+        params: Targets, run size and every stage's settings; the default size is ``laptop`` (about an
+            hour on 2 CPU cores), ``paper`` runs the reference work's scale.
     """
     params = params or LoopParams()
     if params.focus_target not in params.targets:

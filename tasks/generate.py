@@ -133,11 +133,12 @@ def write_candidates(
     """Append the batch's ``generations`` row, then the kept structures (new ids only) and their candidate rows.
 
     The statistics go first: the flow treats a target with candidates as done, and a rerun after a crash
-    between the writes rewrites the same statistics row (same key, the newer wins), so nothing is lost.
+    between the writes finds the same statistics row already current and writes no twin, so nothing is
+    lost and nothing doubles.
     """
     lake = Lake(lake_url)
     if stats:
-        lake.append("generations", [{**stats, "iteration": iteration}], run_id=run_id)
+        lake.append_new("generations", [{**stats, "iteration": iteration}], run_id=run_id)  # a rerun writes no twin
     if not kept:
         return 0
     ids = [r["structure_id"] for r in kept]

@@ -24,6 +24,7 @@ def tiny(lake: Lake, **overrides) -> LoopParams:
         "gnn_tolerance": 5.0,
         "fam_tolerance": 5.0,
         "dft_limit": 1,
+        "label_source": "dft",
         "predictor_config": "small",
         "generator_config": "small",
     }

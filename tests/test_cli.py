@@ -109,6 +109,8 @@ def test_the_cli_loads_no_model_library_before_a_command_runs():
     assert _loaded_after("import flows.cli") == []
     code = (
         "from typer.testing import CliRunner\nfrom flows.cli import app\n"
-        "r = CliRunner().invoke(app, ['generate', '--target', '-5'])\nassert r.exit_code == 2, r.output"
+        "r = CliRunner().invoke(app, ['generate', '--target', '-5'])\nassert r.exit_code == 2, r.output\n"
+        "r = CliRunner().invoke(app, ['run', '--size', 'huge'])\n"
+        "assert r.exit_code == 2 and 'laptop' in r.output, r.output"
     )
     assert _loaded_after(code) == []

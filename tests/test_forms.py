@@ -47,6 +47,30 @@ def test_named_configs_and_presets_are_choices() -> None:
     from core.generator.configs import PRESETS as GENERATOR_PRESETS
 
     loop = parameter_schema(active_learning.fn).model_dump_for_openapi()["definitions"]["LoopParams"]["properties"]
-    assert loop["predictor_config"]["enum"] == list(CONFIGS)
-    assert loop["generator_config"]["enum"] == list(GENERATOR_PRESETS)
+    assert loop["predictor_config"]["enum"] == ["size", *CONFIGS]
+    assert loop["generator_config"]["enum"] == ["size", *GENERATOR_PRESETS]
     assert loop["dft_preset"]["enum"] == list(DFT_PRESETS)
+
+
+def test_the_loop_form_offers_run_sizes_with_their_measured_cost() -> None:
+    from core.sizes import SIZES
+
+    loop = parameter_schema(active_learning.fn).model_dump_for_openapi()["definitions"]["LoopParams"]["properties"]
+    assert loop["size"]["enum"] == ["demo", "laptop", "paper"] and loop["size"]["default"] == "laptop"
+    assert all(size.cost in loop["size"]["description"] for size in SIZES.values())
+
+
+def test_a_size_fills_what_is_left_and_an_explicit_field_wins() -> None:
+    from core.sizes import SIZES
+    from flows.active_learning import SIZED_FIELDS, LoopParams
+
+    default = LoopParams()
+    assert default.size == "laptop"
+    laptop = SIZES["laptop"].model_dump(include=set(SIZED_FIELDS))
+    assert {name: getattr(default, name) for name in SIZED_FIELDS} == laptop
+    demo = LoopParams(size="demo", n_kept=3, label_source="fam")
+    assert (demo.iterations, demo.samples_per_kept, demo.n_kept, demo.label_source) == (1, 20, 3, "fam")
+    # what the run records (its parameters) keeps the size and resolves the same way on a resume
+    assert LoopParams.model_validate(demo.model_dump()) == demo
+    with pytest.raises(ValueError, match="size"):
+        LoopParams(size="huge")

@@ -47,19 +47,31 @@ def _run_loop(params: object) -> None:
         raise typer.Exit(1) from None
 
 
+def _size(name: str) -> str:
+    """A known run size, refused before anything loads."""
+    from core.sizes import SIZES
+
+    if name not in SIZES:
+        raise typer.BadParameter(f"unknown size {name!r}; sizes: {', '.join(SIZES)}")
+    return name
+
+
 @app.command()
 def run(
-    iterations: Annotated[int, typer.Option(help="Iterations to run")] = 3,
+    size: Annotated[
+        str, typer.Option(help="Run size: demo, laptop or paper (sets what is left at 0 or size)", callback=_size)
+    ] = "laptop",
+    iterations: Annotated[int, typer.Option(help="Iterations to run (0: the size's)")] = 0,
     target: Annotated[list[float] | None, typer.Option(help="Target K_vrh, GPa (repeat for several)")] = None,
     focus: Annotated[float, typer.Option(help="Focus target, GPa")] = 350.0,
-    n_kept: Annotated[int, typer.Option(help="Candidates kept per target")] = 10,
-    samples_per_kept: Annotated[int, typer.Option(help="Generator samples per kept candidate")] = 500,
+    n_kept: Annotated[int, typer.Option(help="Candidates kept per target (0: the size's)")] = 0,
+    samples_per_kept: Annotated[int, typer.Option(help="Generator samples per kept candidate (0: the size's)")] = 0,
     fam: Annotated[
         str, typer.Option(help="Foundation atomic model: auto, mace-mp-0, sevennet-0 or a model file")
     ] = "auto",
     labels: Annotated[
-        str, typer.Option(help="Who labels the stage-II survivors: dft, or fam (the FAM's K, marked as such)")
-    ] = "dft",
+        str, typer.Option(help="Who labels the stage-II survivors: dft, fam (the FAM's K, marked as such), size")
+    ] = "size",
     new_label_weight: Annotated[
         float, typer.Option(help="Draws of a loop-labeled structure in training per draw of a seed row")
     ] = 10.0,
@@ -69,12 +81,15 @@ def run(
     ] = None,
     dft_preset: Annotated[str, typer.Option(help="DFT preset: test, gpaw-tight, vasp, qe")] = "test",
     dft_limit: Annotated[int, typer.Option(min=0, help="Label at most this many survivors per iteration (0: all)")] = 0,
-    predictor_config: Annotated[str, typer.Option(help="CGCNN config: small, default")] = "default",
-    generator_config: Annotated[str, typer.Option(help="Generator config: small, paper")] = "small",
+    predictor_config: Annotated[str, typer.Option(help="CGCNN config: small, default, size")] = "size",
+    generator_config: Annotated[str, typer.Option(help="Generator config: small, paper, size")] = "size",
     first_iteration: Annotated[int, typer.Option(help="Index of the first iteration")] = 0,
     deployed: Annotated[bool, typer.Option(help="Dispatch stages to their work pools (needs `matloop serve`)")] = False,
 ) -> None:
-    """Run the active-learning loop in this process (or, with --deployed, on the work pools)."""
+    """Run the active-learning loop in this process (or, with --deployed, on the work pools).
+
+    --size sets the cost: demo (one small iteration, minutes), laptop (the default: three iterations
+    with FAM labels, about an hour on 2 cores), paper (the reference work's scale: GPU and HPC pools)."""
     with heavy_imports():
         from flows.active_learning import LoopParams
         from flows.generate import DEFAULT_TARGETS
@@ -82,6 +97,7 @@ def run(
 
     targets = target or list(DEFAULT_TARGETS)
     params = LoopParams(
+        size=size,
         lake_url=Lake().url,
         targets=targets,
         focus_target=focus,
@@ -121,11 +137,7 @@ def demo() -> None:
         lake_url=lake.url,
         targets=[250.0, 350.0],
         focus_target=350.0,
-        iterations=1,
-        n_kept=12,
-        samples_per_kept=20,
-        predictor_config="small",
-        generator_config="small",
+        size="demo",
         dft_limit=1,
         gnn_tolerance=0.5,
         fam_tolerance=0.5,
