@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pymatgen.core import Element
 
 from core.structures import MIN_DISTANCE, cell_heights, describe_many, excluded_reason, reduced_formula, split_of
@@ -48,10 +48,19 @@ class IngestFilters(BaseModel):
     metals_only: bool = Field(
         True, description="drop non-metals (H B C N O F P S Cl Se Br I At), noble gases, actinides"
     )
-    max_sites: int | None = Field(20, description="drop cells with more atoms than this")
-    k_vrh_min: float | None = Field(0.0, description="drop K_vrh <= this (GPa)")
-    k_vrh_max: float | None = Field(500.0, description="drop K_vrh > this (GPa)")
-    max_formation_energy: float | None = Field(0.150, description="eV/atom; applied where the source has it")
+    max_sites: int | None = Field(20, ge=1, description="drop cells with more atoms than this")
+    k_vrh_min: float | None = Field(0.0, allow_inf_nan=False, description="drop K_vrh <= this (GPa)")
+    k_vrh_max: float | None = Field(500.0, allow_inf_nan=False, description="drop K_vrh > this (GPa)")
+    max_formation_energy: float | None = Field(
+        0.150, allow_inf_nan=False, description="eV/atom; applied where the source has it"
+    )
+
+    @model_validator(mode="after")
+    def _range_is_not_empty(self) -> IngestFilters:
+        """A K_vrh window that keeps nothing is a typo, not a filter."""
+        if self.k_vrh_min is not None and self.k_vrh_max is not None and self.k_vrh_min >= self.k_vrh_max:
+            raise ValueError(f"k_vrh_min {self.k_vrh_min:g} must be below k_vrh_max {self.k_vrh_max:g}")
+        return self
 
 
 @dataclass
@@ -107,7 +116,7 @@ MAX_FRACTIONAL = 10.0
 cell would turn it into noise (1e30 mod 1 is 0)."""
 
 
-def _check_cif_coordinates(path: Path) -> None:
+def check_cif_values(path: Path) -> None:
     """Raise ValueError for a CIF whose raw cell or fractional coordinates cannot describe a crystal.
 
     Checked on the raw values because ASE's reader wraps every site into the cell and builds some
@@ -143,7 +152,7 @@ def _structure_from_file(path: Path) -> dict[str, Any]:
     from ase.io import read  # local: ASE's IO registry is slow to import
 
     if path.suffix.lower() == ".cif":
-        _check_cif_coordinates(path)
+        check_cif_values(path)
     atoms = read(path)
     return {
         "lattice": np.asarray(atoms.cell[:], dtype=float),
@@ -213,19 +222,37 @@ def _load_json(path: Path) -> Any:
 
 
 def read_json_source(path: Path) -> Iterator[Record]:
-    """A matbench/matminer table (pandas ``split`` JSON) or a JSON list of records (the MP export)."""
+    """A matbench/matminer table (pandas ``split`` JSON) or a JSON list of records (the MP export).
+
+    The file is read and its shape checked at once, so an unreadable source fails before anything is written.
+    """
     data = _load_json(path)
-    if isinstance(data, dict) and {"columns", "data"} <= set(data):
+    if not (isinstance(data, dict) and {"columns", "data"} <= set(data)) and not isinstance(data, list):
+        raise IngestError(f"{path}: expected a matbench/matminer table or a list of records")
+    return _json_records(data)
+
+
+def _json_records(data: Any) -> Iterator[Record]:
+    """The records of a loaded source; an entry of the wrong shape is one unreadable record, not a crash."""
+    if isinstance(data, dict):
         columns = data["columns"]
         index = data.get("index") or list(range(len(data["data"])))
-        for idx, values in zip(index, data["data"], strict=True):
+        for idx, values in zip(index, data["data"], strict=False):
+            if not isinstance(values, list) or len(values) != len(columns):
+                yield Record(str(idx), None, {}, error=f"row has {_size(values)} values for {len(columns)} columns")
+                continue
             row = dict(zip(columns, values, strict=True))
             yield _record(str(row.get("material_id") or row.get("mp_id") or idx), row, row.get("structure"))
-    elif isinstance(data, list):
-        for idx, row in enumerate(data):
-            yield _record(str(row.get("mp_id") or row.get("material_id") or idx), row, row.get("structure"))
     else:
-        raise IngestError(f"{path}: expected a matbench/matminer table or a list of records")
+        for idx, row in enumerate(data):
+            if not isinstance(row, dict):
+                yield Record(str(idx), None, {}, error=f"entry is a {type(row).__name__}, not a record (JSON object)")
+                continue
+            yield _record(str(row.get("mp_id") or row.get("material_id") or idx), row, row.get("structure"))
+
+
+def _size(values: Any) -> int:
+    return len(values) if isinstance(values, list) else 1
 
 
 def read_folder(folder: Path, properties_csv: Path | None = None) -> Iterator[Record]:

@@ -32,10 +32,10 @@ from core.dft import PresetName as DftPreset
 from core.fam import FamSettings
 from core.generator.configs import PresetName as GeneratorPreset
 from core.sizes import DEFAULT_SIZE, SIZES, SizeName, size_help
-from flows.generate import DEFAULT_TARGETS, GenerateParams, generate
+from flows.generate import DEFAULT_TARGETS, GenerateParams, TargetK, Targets, generate
 from flows.label import LabelParams, label
 from flows.locking import loop_lock
-from flows.screen import ScreenParams, screen
+from flows.screen import FamName, ScreenParams, screen
 from flows.train import TrainParams, train
 from storage import Lake
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
@@ -61,9 +61,9 @@ class LoopParams(BaseModel):
 
     lake_url: str = ""
     """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
-    targets: list[float] = list(DEFAULT_TARGETS)
+    targets: Targets = list(DEFAULT_TARGETS)
     """Target K_vrh values, GPa."""
-    focus_target: float = 350.0
+    focus_target: TargetK = 350.0
     """The target the summary leads with."""
     size: SizeName = Field(DEFAULT_SIZE, description="Run size (sets every field left at 0 or 'size'): " + size_help())
     iterations: int = Field(0, ge=0)
@@ -80,7 +80,7 @@ class LoopParams(BaseModel):
     """Stage II: keep candidates whose FAM K is within this fraction of the target."""
     fam_settings: FamSettings = Field(default_factory=FamSettings)
     """Stage II relaxation, structure matching (StructureMatcher ltol/stol/angle_tol) and elastic settings."""
-    fam_model: str = "auto"
+    fam_model: FamName = "auto"
     """Foundation atomic model: auto (MACE-MP-0 if its weights are available, else SevenNet-0), a name or a path."""
     label_source: Literal["size", "dft", "fam"] = "size"
     """Who labels the stage-II survivors: DFT (the reference work), or the FAM (its K becomes the label,
@@ -111,6 +111,13 @@ class LoopParams(BaseModel):
     """Training seed of the predictor and generator instead of their configs' (independent repeats of a loop)."""
     mode: Literal["embedded", "deployed"] = "embedded"
     """embedded: stages run in this process; deployed: each stage runs on its work pool."""
+
+    @model_validator(mode="after")
+    def _focus_is_a_target(self) -> LoopParams:
+        """The focus target must be one of the targets (the summary leads with its rows)."""
+        if self.focus_target not in self.targets:
+            raise ValueError(f"focus_target {self.focus_target:g} is not one of the targets {self.targets}")
+        return self
 
     @model_validator(mode="after")
     def _fill_from_size(self) -> LoopParams:
@@ -212,8 +219,6 @@ def active_learning(params: LoopParams | None = None) -> list[dict[str, Any]]:
             hour on 2 CPU cores), ``paper`` runs the reference work's scale.
     """
     params = params or LoopParams()
-    if params.focus_target not in params.targets:
-        raise ValueError(f"focus_target {params.focus_target} is not one of the targets {params.targets}")
     logger = get_run_logger()
     lake = Lake(params.lake_url)
     run_id = str(flow_run.get_id() or "") or None

@@ -9,7 +9,7 @@ undoes later stages. A Prefect table artifact summarizes the batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -24,6 +24,11 @@ from tasks.generate import load_registered_generator, sample_candidates, write_c
 
 DEFAULT_TARGETS = (60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0)
 
+TargetK = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A target K_vrh in GPa: a finite, positive number."""
+Targets = Annotated[list[TargetK], Field(min_length=1)]
+"""One or more target K_vrh values."""
+
 
 class GenerateParams(BaseModel):
     """Parameters of the generate flow (rendered as a form in the Prefect UI)."""
@@ -34,7 +39,7 @@ class GenerateParams(BaseModel):
     """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     iteration: int = Field(0, ge=0)
     """Active-learning iteration the candidates belong to."""
-    targets: list[float] = list(DEFAULT_TARGETS)
+    targets: Targets = list(DEFAULT_TARGETS)
     """Target K_vrh values, GPa."""
     samples_per_kept: int = Field(500, ge=1)
     """Samples drawn per kept candidate (keep the best 1/N by property-head score)."""
@@ -61,8 +66,6 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
         params: Targets, how many candidates to keep per target and how many samples to draw for each.
     """
     params = params or GenerateParams()
-    if any(t <= 0 for t in params.targets):
-        raise ValueError(f"targets must be positive K_vrh values in GPa, got {params.targets}")
     lake = Lake(params.lake_url)
     with stage_lock(lake, "generate", params.loop_run_id):
         logger = get_run_logger()

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.dft import DftSettings, preset, resolve
@@ -115,7 +115,7 @@ class LabelParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    iteration: int = 0
+    iteration: int = Field(0, ge=0)
     """Iteration whose fam_pass candidates are labeled."""
     lake_url: str = ""
     """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
@@ -144,6 +144,12 @@ class LabelParams(BaseModel):
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
+
+    @model_validator(mode="after")
+    def _overrides_fit_the_preset(self) -> LabelParams:
+        """The overrides must make valid settings of the preset (checked here, not at the first DFT job)."""
+        self.settings()
+        return self
 
     def settings(self) -> DftSettings:
         return preset(self.preset, **self.overrides)

@@ -7,17 +7,29 @@ resumes where a crashed run stopped, and stage II's compute is cached per batch 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from core.fam import FamSettings
+from core.fam import FAM_NAMES, FamSettings
 from flows.locking import stage_lock
 from storage import Lake
 
 Stage = Literal["gnn", "fam"]
+
+
+def fam_name(name: str) -> str:
+    """A FAM name (auto, mace-mp-0, sevennet-0) or a MACE model file's path (it may exist only on the worker)."""
+    if name in FAM_NAMES or name.endswith(".model") or "/" in name or Path(name).expanduser().is_file():
+        return name
+    raise ValueError(f"unknown FAM {name!r}: use one of {', '.join(FAM_NAMES)} or a path to a MACE model file")
+
+
+FamName = Annotated[str, AfterValidator(fam_name)]
+"""A foundation atomic model: a known name or a MACE model file."""
 
 
 class ScreenParams(BaseModel):
@@ -29,7 +41,7 @@ class ScreenParams(BaseModel):
     """Active-learning iteration whose candidates are screened."""
     lake_url: str = ""
     """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
-    stages: list[Stage] = ["gnn", "fam"]
+    stages: list[Stage] = Field(["gnn", "fam"], min_length=1)
     """Stages to run, in funnel order."""
     gnn_tolerance: float = Field(0.30, gt=0)
     """Stage I keeps candidates whose predicted K_vrh is within this fraction of the target."""
@@ -37,7 +49,7 @@ class ScreenParams(BaseModel):
     """CGCNN model id; None = the latest registered predictor."""
     fam_tolerance: float = Field(0.20, gt=0)
     """Stage II keeps Born-stable candidates whose FAM K_vrh is within this fraction of the target."""
-    fam_model: str = "auto"
+    fam_model: FamName = "auto"
     """auto (MACE-MP-0 if available, else SevenNet-0), mace-mp-0, sevennet-0, or a MACE model file."""
     fam_settings: FamSettings = Field(default_factory=FamSettings)
     """Relaxation, structure matching and elastic settings of stage II."""
@@ -46,6 +58,14 @@ class ScreenParams(BaseModel):
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
+
+    @field_validator("stages")
+    @classmethod
+    def _funnel_order(cls, stages: list[Stage]) -> list[Stage]:
+        """Each stage once, in funnel order (stage II screens what stage I passed)."""
+        if stages != sorted(set(stages), key=["gnn", "fam"].index):
+            raise ValueError(f"stages must be distinct and in funnel order (gnn, fam), got {stages}")
+        return stages
 
 
 @flow(name="screen", log_prints=True)
@@ -56,8 +76,6 @@ def screen(params: ScreenParams | None = None) -> dict[str, Any]:
         params: The iteration, the stages to run (gnn, fam) and each stage's tolerance and model.
     """
     params = params or ScreenParams()
-    if params.stages != sorted(set(params.stages), key=["gnn", "fam"].index):
-        raise ValueError(f"stages must be distinct and in funnel order (gnn, fam), got {params.stages}")
     lake = Lake(params.lake_url)
     with stage_lock(lake, "screen", params.loop_run_id):
         logger = get_run_logger()

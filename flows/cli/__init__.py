@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound="BaseModel")
 
 app = typer.Typer(
     name="matloop",
@@ -64,6 +69,51 @@ def heavy_imports() -> Iterator[None]:
     finally:
         if sys.stderr.isatty():
             print(" " * 40, end="\r", file=sys.stderr, flush=True)
+
+
+def at_least(low: int) -> Callable[[int], int]:
+    """A typer callback refusing an integer below ``low``, with a message that shows the value given."""
+
+    def check(value: int) -> int:
+        if value < low:
+            raise typer.BadParameter(f"must be at least {low}, got {value}")
+        return value
+
+    return check
+
+
+def refuse(message: str, code: int = 2) -> NoReturn:
+    """Print ``refused: <message>`` as one line (never wrapped) and exit with ``code`` (nothing was written)."""
+    console.print(f"[red]refused:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first non-empty line (readers' errors can span a page)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else f"not a file this reader understands ({type(exc).__name__})"
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """A pydantic ValidationError as one line naming each bad field and the value it got."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or exc.title
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}{shown}: {message}")
+    return "; ".join(parts)
+
+
+def build_params(model: type[M], **values: object) -> M:
+    """Build a flow's parameter model from CLI values; a bad value exits 2 with one line naming it."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        refuse(validation_reason(exc))
 
 
 # Sub-command modules register themselves on ``app`` / ``train_app``.

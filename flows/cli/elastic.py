@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from tqdm import tqdm
 
-from flows.cli import app
+from flows.cli import app, at_least, first_line
 
 _THREADS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _FILE_HELP = "Structure file: CIF, POSCAR/CONTCAR, extxyz (anything ase.io.read reads)."
@@ -45,6 +45,32 @@ def _calculator(fam: str, dft: str | None, atoms: Any) -> tuple[Any, str, dict[s
     return calc, f"fam:{name}", {}
 
 
+def fam_option(name: str) -> str:
+    """--fam: a known foundation model or an existing MACE model file, refused before anything loads."""
+    from core.fam import FAM_NAMES
+
+    if name in FAM_NAMES or Path(name).expanduser().is_file():
+        return name
+    raise typer.BadParameter(f"unknown FAM {name!r}: use one of {', '.join(FAM_NAMES)} or an existing MACE model file")
+
+
+def dft_option(name: str | None) -> str | None:
+    """--dft: a named DFT preset (core.dft.PRESETS), refused before anything loads."""
+    if name is None:
+        return None
+    from core.dft import PRESETS
+
+    if name not in PRESETS:
+        raise typer.BadParameter(f"unknown DFT preset {name!r}; presets: {', '.join(PRESETS)}")
+    return name
+
+
+def _positive(value: float) -> float:
+    if not value > 0 or value == float("inf"):
+        raise typer.BadParameter(f"must be a finite number > 0, got {value:g}")
+    return value
+
+
 def _fmt(value: float | None, unit: str = "GPa") -> str:
     return "n/a" if value is None else f"{value:8.1f} {unit}"
 
@@ -52,12 +78,15 @@ def _fmt(value: float | None, unit: str = "GPa") -> str:
 @app.command()
 def elastic(
     file: Annotated[Path, typer.Argument(help=_FILE_HELP, exists=True, dir_okay=False, readable=True)],
-    fam: Annotated[str, typer.Option("--fam", help=_FAM_HELP)] = "auto",
-    dft: Annotated[str | None, typer.Option("--dft", help=_DFT_HELP)] = None,
+    fam: Annotated[str, typer.Option("--fam", help=_FAM_HELP, callback=fam_option)] = "auto",
+    dft: Annotated[str | None, typer.Option("--dft", help=_DFT_HELP, callback=dft_option)] = None,
     fmax: Annotated[
-        float, typer.Option(help="Relaxation force threshold, eV/Å (FAM; a DFT preset sets its own).")
+        float,
+        typer.Option(help="Relaxation force threshold, eV/Å (FAM; a DFT preset sets its own).", callback=_positive),
     ] = 0.05,
-    steps: Annotated[int, typer.Option(help="Maximum relaxation steps (FAM; a DFT preset sets its own).")] = 300,
+    steps: Annotated[
+        int, typer.Option(callback=at_least(1), help="Maximum relaxation steps (FAM; a DFT preset sets its own).")
+    ] = 300,
     no_relax: Annotated[bool, typer.Option("--no-relax", help="Use the structure as given (already relaxed).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -66,12 +95,15 @@ def elastic(
     from ase.io import read
 
     from core.elastic import ElasticSettings, deformations, elastic_constants
+    from core.ingest import check_cif_values
     from core.relax import relax
 
     try:
+        if file.suffix.lower() == ".cif":
+            check_cif_values(file)  # ASE wraps wild coordinates into the cell and builds a cell from any six numbers
         atoms = read(str(file))
     except Exception as exc:
-        raise typer.BadParameter(f"cannot read {file}: {exc}", param_hint="FILE") from exc
+        raise typer.BadParameter(f"cannot read {file}: {first_line(exc)}", param_hint="FILE") from None
     calc, method, relax_options = _calculator(fam, dft, atoms)
     t0 = time.perf_counter()
     relaxed = None if no_relax else relax(atoms, calc, **{"fmax": fmax, "steps": steps, **relax_options})

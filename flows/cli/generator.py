@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from flows.cli import app, console, heavy_imports, new_table, train_app
+from flows.cli import app, at_least, console, heavy_imports, new_table, train_app
 
 
 @train_app.command("generator")
@@ -39,21 +40,43 @@ def train_generator_cmd(
     )
 
 
+def _targets(values: list[float]) -> list[float]:
+    """--target: finite, positive K_vrh values in GPa, refused before anything loads."""
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise typer.BadParameter(f"targets must be finite, positive K_vrh values in GPa, got {bad[0]:g}")
+    return values
+
+
+def _out_folder(path: Path) -> Path:
+    """--out: a folder to create or reuse; an existing file there is refused (nothing is written)."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} exists and is not a folder")
+    if not path.exists() and any(p.exists() and not p.is_dir() for p in path.parents):
+        raise typer.BadParameter(f"{path} cannot be a folder: a file stands in its path")
+    return path
+
+
 @app.command("generate")
 def generate_cmd(
-    target: Annotated[list[float], typer.Option("--target", help="Target K_vrh in GPa (repeatable).")],
-    n: Annotated[int, typer.Option("--n", min=1, help="Structures to keep per target.")] = 100,
+    target: Annotated[
+        list[float], typer.Option("--target", help="Target K_vrh in GPa (repeatable).", callback=_targets)
+    ],
+    n: Annotated[int, typer.Option("--n", callback=at_least(1), help="Structures to keep per target.")] = 100,
     samples_per_kept: Annotated[
-        int, typer.Option("--samples-per-kept", min=1, help="Samples drawn per kept structure (keep the best 1/N).")
+        int,
+        typer.Option(
+            "--samples-per-kept", callback=at_least(1), help="Samples drawn per kept structure (keep the best 1/N)."
+        ),
     ] = 500,
-    out: Annotated[Path, typer.Option("--out", help="Folder for CIF, extxyz and scores.csv.")] = Path("generated"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for CIF, extxyz and scores.csv.", callback=_out_folder)
+    ] = Path("generated"),
     model_id: Annotated[str | None, typer.Option("--model-id", help="Generator model id (default: latest).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Generate crystals at target K_vrh and write them as files (the lake is not changed; the flow records)."""
-    if any(t <= 0 for t in target):
-        raise typer.BadParameter("targets must be positive K_vrh values in GPa", param_hint="--target")
     with heavy_imports():
         from ase.io import write as ase_write
         from pymatgen.io.cif import CifWriter

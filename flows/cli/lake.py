@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flows.cli import app, console, heavy_imports, new_table
+from flows.cli import app, at_least, build_params, console, first_line, heavy_imports, new_table
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,11 +41,20 @@ def _cell(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _output_file(path: Path | None) -> Path | None:
+    """--output: a file to write in an existing folder, refused before the query runs."""
+    if path is not None and (path.is_dir() or not path.parent.is_dir()):
+        raise typer.BadParameter(f"cannot write {path}: " + ("it is a folder" if path.is_dir() else "no such folder"))
+    return path
+
+
 @app.command()
 def sql(
     query: Annotated[str, typer.Argument(help="Read-only SQL over the lake's views, e.g. SELECT * FROM candidates")],
     format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here (needed for parquet).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (needed for parquet).", callback=_output_file)
+    ] = None,
 ) -> None:
     """Query the lake with SQL (read-only). Views: structures, properties, candidates, jobs, models,
     iterations, quarantine (newest row per key) and <table>_history (every row)."""
@@ -59,10 +68,10 @@ def sql(
     try:
         result = Lake().query(query)
     except ReadOnlyQueryError as exc:
-        console.print(f"[red]refused:[/red] {exc}")
+        console.print(f"[red]refused:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
-    except Exception as exc:  # DuckDB parser/binder errors: show them plainly
-        console.print(f"[red]query failed:[/red] {exc}")
+    except Exception as exc:  # DuckDB parser/binder errors: show them plainly, on one line
+        console.print(f"[red]query failed:[/red] {first_line(exc)}", soft_wrap=True)
         raise typer.Exit(2) from None
     if format is OutputFormat.table:
         print_table(result)
@@ -124,10 +133,16 @@ def ingest(
         ),
     ],
     properties: Annotated[
-        Path | None, typer.Option(help="CSV of properties for a folder (columns: file, k_vrh, g_vrh, ...)")
+        Path | None,
+        typer.Option(
+            help="CSV of properties for a folder (columns: file, k_vrh, g_vrh, ...)",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Source name stored on the rows (default: from the file)")] = None,
-    max_sites: Annotated[int, typer.Option(help="Drop cells with more atoms (0: keep all)")] = 20,
+    max_sites: Annotated[int, typer.Option(callback=at_least(0), help="Drop cells with more atoms (0: keep all)")] = 20,
     k_min: Annotated[float, typer.Option(help="Drop K_vrh <= this, GPa")] = 0.0,
     k_max: Annotated[float, typer.Option(help="Drop K_vrh > this, GPa")] = 500.0,
     max_formation_energy: Annotated[float, typer.Option(help="Drop E_form above this, eV/atom (where known)")] = 0.150,
@@ -147,7 +162,8 @@ def ingest(
         from storage import Lake
         from storage.ingest import ingest as run_ingest
 
-    filters = IngestFilters(
+    filters = build_params(
+        IngestFilters,
         metals_only=not all_elements,
         max_sites=max_sites or None,
         k_vrh_min=k_min,
@@ -164,7 +180,7 @@ def ingest(
             progress=lambda it: tqdm(it, desc=f"ingest {source}", unit=" records", file=sys.stderr, leave=False),
         )
     except IngestError as exc:
-        console.print(f"[red]ingest failed:[/red] {exc}")
+        console.print(f"[red]ingest failed:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     for line in report.lines():
         console.print(line)

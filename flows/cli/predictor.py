@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flows.cli import app, console, heavy_imports, new_table, train_app
+from flows.cli import app, console, first_line, heavy_imports, new_table, refuse, train_app
 
 if TYPE_CHECKING:
     from storage import Lake
@@ -67,22 +67,35 @@ def train_predictor_cmd(
 
 
 def _rows_from_files(files: list[Path]) -> list[dict[str, Any]]:
+    """Structure rows of the files; the first unreadable or non-physical one exits 2 naming the file."""
     from pymatgen.core import Structure
 
+    from core.ingest import check_cif_values
     from core.structures import to_row
 
     rows = []
     for f in files:
         try:
+            if f.suffix.lower() == ".cif":
+                check_cif_values(f)  # the readers wrap wild coordinates into the cell and accept any six numbers
             structure = Structure.from_file(f)
+            row = to_row(structure)
         except Exception as exc:  # pymatgen raises many types for unreadable files
-            raise typer.BadParameter(f"cannot read a structure from {f}: {exc}", param_hint="FILE") from None
-        rows.append({**to_row(structure), "name": str(f)})
+            refuse(f"cannot read a structure from {f}: {first_line(exc)}")
+        rows.append({**row, "name": str(f)})
     return rows
 
 
 def _rows_from_sql(lake: Lake, sql: str) -> list[dict[str, Any]]:
-    table = lake.query(sql)
+    """Structure rows a read-only query selects; a write, a bad query or missing columns exit 2."""
+    from storage.lake import ReadOnlyQueryError
+
+    try:
+        table = lake.query(sql)
+    except ReadOnlyQueryError as exc:
+        refuse(str(exc))
+    except Exception as exc:  # DuckDB parser/binder errors
+        refuse(f"query failed: {first_line(exc)}")
     missing = [c for c in ("structure_id", *_REQUIRED) if c not in table.column_names]
     if missing:
         raise typer.BadParameter(
@@ -95,7 +108,10 @@ def _rows_from_sql(lake: Lake, sql: str) -> list[dict[str, Any]]:
 @app.command()
 def predict(
     files: Annotated[
-        list[Path] | None, typer.Argument(help="Structure files (CIF, POSCAR, ...).", show_default=False)
+        list[Path] | None,
+        typer.Argument(
+            help="Structure files (CIF, POSCAR, ...).", show_default=False, exists=True, dir_okay=False, readable=True
+        ),
     ] = None,
     sql: Annotated[
         str | None, typer.Option("--sql", help='Structures to predict: "SELECT * FROM structures WHERE ..."')
@@ -111,12 +127,12 @@ def predict(
         from storage.registry import ModelNotFoundError
         from tasks.train import load_predictor
     lake = Lake()
+    rows = _rows_from_files(files) if files else _rows_from_sql(lake, sql or "")  # bad input: refused before loading
     try:
         used_id, ensemble = load_predictor(lake, model_id)
     except ModelNotFoundError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    rows = _rows_from_files(files) if files else _rows_from_sql(lake, sql or "")
     if not rows:
         console.print("no structures selected")
         return

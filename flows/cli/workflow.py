@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flows.cli import app, console, heavy_imports
+from flows.cli import app, at_least, build_params, console, heavy_imports
+from flows.cli.elastic import fam_option
 from flows.cli.lake import print_table
 
 if TYPE_CHECKING:
@@ -56,6 +58,13 @@ def _size(name: str) -> str:
     return name
 
 
+def _grader(path: str | None) -> str | None:
+    """--grader: an existing checkpoint file, refused before anything loads."""
+    if path is not None and not Path(path).expanduser().is_file():
+        raise typer.BadParameter(f"no such checkpoint file: {path}")
+    return path
+
+
 @app.command()
 def run(
     size: Annotated[
@@ -67,7 +76,8 @@ def run(
     n_kept: Annotated[int, typer.Option(help="Candidates kept per target (0: the size's)")] = 0,
     samples_per_kept: Annotated[int, typer.Option(help="Generator samples per kept candidate (0: the size's)")] = 0,
     fam: Annotated[
-        str, typer.Option(help="Foundation atomic model: auto, mace-mp-0, sevennet-0 or a model file")
+        str,
+        typer.Option(help="Foundation atomic model: auto, mace-mp-0, sevennet-0 or a model file", callback=fam_option),
     ] = "auto",
     labels: Annotated[
         str, typer.Option(help="Who labels the stage-II survivors: dft, fam (the FAM's K, marked as such), size")
@@ -77,10 +87,15 @@ def run(
     ] = 10.0,
     warm_start: Annotated[bool, typer.Option(help="Fine-tune the previous iteration's models")] = True,
     grader: Annotated[
-        str | None, typer.Option(help="Frozen CGCNN checkpoint that grades every raw sample (MAPE per iteration)")
+        str | None,
+        typer.Option(
+            help="Frozen CGCNN checkpoint that grades every raw sample (MAPE per iteration)", callback=_grader
+        ),
     ] = None,
     dft_preset: Annotated[str, typer.Option(help="DFT preset: test, gpaw-tight, vasp, qe")] = "test",
-    dft_limit: Annotated[int, typer.Option(min=0, help="Label at most this many survivors per iteration (0: all)")] = 0,
+    dft_limit: Annotated[
+        int, typer.Option(callback=at_least(0), help="Label at most this many survivors per iteration (0: all)")
+    ] = 0,
     predictor_config: Annotated[str, typer.Option(help="CGCNN config: small, default, size")] = "size",
     generator_config: Annotated[str, typer.Option(help="Generator config: small, paper, size")] = "size",
     first_iteration: Annotated[int, typer.Option(help="Index of the first iteration")] = 0,
@@ -96,7 +111,8 @@ def run(
         from storage import Lake
 
     targets = target or list(DEFAULT_TARGETS)
-    params = LoopParams(
+    params = build_params(  # a bad value: one line naming it, exit 2, before any flow starts
+        LoopParams,
         size=size,
         lake_url=Lake().url,
         targets=targets,
