@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ase import Atoms
 from ase.build import bulk
 from ase.io import write
 from pydantic import BaseModel, ValidationError
@@ -64,6 +65,8 @@ BAD_FILES: dict[str, Callable[[Path], None]] = {
     "wild.cif": lambda p: p.write_text(_cif(x=1e30)),
     "negative.cif": lambda p: p.write_text(_cif(a=-3.1)),
     "flat.cif": lambda p: p.write_text(_cif(alpha=200)),
+    "unknown-element.cif": lambda p: p.write_text(_cif().replace("W1 W", "Xx1 Xx")),
+    "overlap.cif": lambda p: write(p, Atoms("WMo", positions=[[0, 0, 0], [0.2, 0, 0]], cell=[3.1] * 3, pbc=True)),
     "notes.txt": lambda p: p.write_text("hello, not a structure\n"),
     "plain.json": lambda p: p.write_text("not json at all"),
     "shape.json": lambda p: p.write_text(json.dumps({"a": 1})),
@@ -154,6 +157,9 @@ CLI_CASES = [
     CliCase("predict-a-folder", ("predict", "{in}"), ("is a directory",)),
     CliCase("predict-one-bad-among-good", ("predict", "{in}/good.cif", "{in}/nan.cif"), ("nan.cif",)),
     CliCase("predict-nothing-to-predict", ("predict",), ("give structure FILEs or --sql",)),
+    CliCase("predict-files-and-sql", ("predict", "{in}/good.cif", "--sql", "SELECT * FROM structures"), ("not both",)),
+    CliCase("predict-unknown-element", ("predict", "{in}/unknown-element.cif"), ("unknown element 'Xx",)),
+    CliCase("predict-unknown-model", ("predict", "{in}/good.cif", "--model", "nosuch-id"), ("'nosuch-id'",)),
     CliCase("predict-sql-write", ("predict", "--sql", "DROP TABLE structures"), ("DROP", "read-only")),
     CliCase("predict-sql-syntax-error", ("predict", "--sql", "SELEC * FROM structures"), ("SELEC",)),
     CliCase(
@@ -166,6 +172,7 @@ CLI_CASES = [
     CliCase("elastic-a-folder", ("elastic", "{in}"), ("is a directory",)),
     CliCase("elastic-unknown-fam", ("elastic", "{in}/good.cif", "--fam", "bogus-fam"), ("'bogus-fam'", "unknown FAM")),
     CliCase("elastic-unknown-dft", ("elastic", "{in}/good.cif", "--dft", "bogus-dft"), ("'bogus-dft'", "presets")),
+    CliCase("elastic-unknown-element", ("elastic", "{in}/unknown-element.cif"), ("unknown-element.cif", "Xx")),
     CliCase("elastic-empty-file", ("elastic", "{in}/empty.cif"), ("empty.cif", "cannot read")),
     CliCase("elastic-nan-coordinate", ("elastic", "{in}/nan.cif"), ("nan.cif", "'nan' is not a number")),
     CliCase("elastic-coordinate-1e30", ("elastic", "{in}/wild.cif"), ("wild.cif", "1e+30")),
@@ -192,6 +199,18 @@ CLI_CASES = [
         ("generate", "--target", "350", "--out", "{in}/a-file/sub"),
         ("a-file/sub", "a file stands in its path"),
     ),
+    CliCase(
+        "generate-unknown-model",
+        ("generate", "--target", "350", "--model-id", "nosuch-id", "--out", "{in}/gen"),
+        ("'nosuch-id'",),
+    ),
+    # train and seed: an unknown config, override, model or element, refused before anything loads
+    CliCase("train-predictor-unknown-config", ("train", "predictor", "--config", "huge"), ("'huge'", "choose from")),
+    CliCase("train-predictor-bad-override", ("train", "predictor", "--set", "n_models"), ("'n_models'", "key=value")),
+    CliCase("train-generator-unknown-config", ("train", "generator", "--config", "huge"), ("'huge'", "choose from")),
+    CliCase("seed-unknown-fam", ("seed", "--fam", "bogus-fam", "--unary", "W"), ("'bogus-fam'", "unknown FAM")),
+    CliCase("seed-unknown-element", ("seed", "--unary", "W,Xx", "--binary", ""), ("'--unary'", "unknown element 'Xx'")),
+    CliCase("seed-zero-limit", ("seed", "--limit", "0"), ("'--limit'", "got 0")),
     # run: every bad loop value is one line naming it, before any flow (or Prefect server) starts
     CliCase("run-unknown-size", ("run", "--size", "huge"), ("'huge'", "demo, laptop, paper")),
     CliCase("run-negative-iterations", ("run", "--iterations", "-1"), ("iterations = -1",)),
@@ -212,6 +231,9 @@ CLI_CASES = [
     # sql: the lake changes only through the flows; a bad query or output path is one line
     CliCase("sql-delete", ("sql", "DELETE FROM structures"), ("DELETE", "read-only")),
     CliCase("sql-copy-to-file", ("sql", "COPY structures TO 'dump.csv'"), ("COPY", "read-only")),
+    CliCase("sql-write-after-a-read", ("sql", "SELECT 1; DROP TABLE structures"), ("DROP", "read-only")),
+    CliCase("sql-attach", ("sql", "ATTACH 'other.db'"), ("ATTACH", "read-only")),
+    CliCase("sql-missing-csv", ("sql", "SELECT * FROM read_csv('{in}/nope.csv')"), ("nope.csv",)),
     CliCase("sql-syntax-error", ("sql", "SELEC * FROM"), ("SELEC", "syntax error")),
     CliCase("sql-unknown-table", ("sql", "SELECT * FROM nosuch"), ("nosuch", "does not exist")),
     CliCase("sql-parquet-without-output", ("sql", "SELECT 1", "-f", "parquet"), ("needs --output",)),
@@ -224,6 +246,8 @@ CLI_CASES = [
     CliCase("ingest-not-json", ("ingest", "{in}/plain.json"), ("plain.json", "not readable JSON"), 1),
     CliCase("ingest-wrong-json-shape", ("ingest", "{in}/shape.json"), ("shape.json", "expected a matbench"), 1),
     CliCase("ingest-truncated-gzip", ("ingest", "{in}/cut.json.gz"), ("cut.json.gz", "truncated"), 1),
+    CliCase("ingest-name-escapes-the-lake", ("ingest", "{in}", "--name", "../../x"), ("'../../x'", "no '/'"), 1),
+    CliCase("ingest-name-with-space", ("ingest", "{in}", "--name", "my data"), ("'my data'",), 1),
     CliCase("ingest-negative-max-sites", ("ingest", "{in}", "--max-sites", "-1"), ("'--max-sites'", "got -1")),
     CliCase("ingest-empty-k-window", ("ingest", "{in}", "--k-min", "500", "--k-max", "100"), ("k_vrh_min 500",)),
     CliCase("ingest-nan-k-max", ("ingest", "{in}", "--k-max", "nan"), ("k_vrh_max = nan", "finite")),
@@ -325,8 +349,8 @@ def test_flow_parameters_refuse_bad_values_naming_the_field(case: ModelCase) -> 
     assert case.field in fields or (not any(fields - {""}) and case.field == case.model.__name__), fields
 
 
-def test_every_model_case_is_accepted_once_the_bad_value_is_removed() -> None:
-    """The cases fail for their bad value alone: each model builds from its defaults."""
+def test_every_parameter_model_builds_from_its_defaults() -> None:
+    """The cases fail for their bad value alone: without it, each model builds from its defaults."""
     for model in {c.model for c in MODEL_CASES}:
         assert isinstance(model(), model)
 
@@ -349,6 +373,8 @@ QUARANTINE_CASES = [
     QuarantineCase("impossible-angle", "flat.cif", "unreadable", "do not make a cell"),
     QuarantineCase("empty-file", "empty.cif", "unreadable", ""),
     QuarantineCase("binary-file", "binary.cif", "unreadable", ""),
+    QuarantineCase("unknown-element", "unknown-element.cif", "unreadable", "Xx"),
+    QuarantineCase("overlapping-atoms", "overlap.cif", "overlapping_atoms", ""),
 ]
 
 
@@ -373,7 +399,7 @@ def test_ingest_quarantines_exactly_the_bad_file_of_a_folder(case: QuarantineCas
     assert case.detail in rows[0]["detail"] and "\n" not in rows[0]["detail"]
     formulas = got.query("SELECT reduced_formula f FROM structures ORDER BY f").column("f").to_pylist()
     assert formulas == ["Ir", "W"]  # the good files landed, the bad one did not
-    assert "quarantined (unreadable): 1" in result.output
+    assert f"quarantined ({case.reason}): 1" in result.output
 
 
 def _matbench(path: Path, rows: list[Any]) -> None:

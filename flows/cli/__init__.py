@@ -71,11 +71,11 @@ def heavy_imports() -> Iterator[None]:
             print(" " * 40, end="\r", file=sys.stderr, flush=True)
 
 
-def at_least(low: int) -> Callable[[int], int]:
-    """A typer callback refusing an integer below ``low``, with a message that shows the value given."""
+def at_least(low: int) -> Callable[[int | None], int | None]:
+    """A typer callback refusing an integer below ``low`` (None: not given), with a message showing the value."""
 
-    def check(value: int) -> int:
-        if value < low:
+    def check(value: int | None) -> int | None:
+        if value is not None and value < low:
             raise typer.BadParameter(f"must be at least {low}, got {value}")
         return value
 

@@ -71,6 +71,18 @@ def _positive(value: float) -> float:
     return value
 
 
+def _elements(value: str | None) -> str | None:
+    """--unary/--binary: comma-separated element symbols, each a real element."""
+    if value is None:
+        return None
+    from pymatgen.core import Element
+
+    bad = [v.strip() for v in value.split(",") if v.strip() and not Element.is_valid_symbol(v.strip())]
+    if bad:
+        raise typer.BadParameter(f"unknown element {bad[0]!r}")
+    return value
+
+
 def _fmt(value: float | None, unit: str = "GPa") -> str:
     return "n/a" if value is None else f"{value:8.1f} {unit}"
 
@@ -146,13 +158,18 @@ def elastic(
 @app.command()
 def seed(
     out: Annotated[Path, typer.Option(help="Parquet file to write.")] = Path("core/data/seed.parquet"),
-    fam: Annotated[str, typer.Option(help="Foundation model labeling the seed set.")] = "auto",
+    fam: Annotated[str, typer.Option(help="Foundation model labeling the seed set.", callback=fam_option)] = "auto",
     unary: Annotated[
-        str | None, typer.Option(help="Comma-separated elements for fcc/bcc/hcp (default: 30 metals).")
+        str | None,
+        typer.Option(help="Comma-separated elements for fcc/bcc/hcp (default: 30 metals).", callback=_elements),
     ] = None,
-    binary: Annotated[str | None, typer.Option(help="Comma-separated elements for binary prototypes.")] = None,
+    binary: Annotated[
+        str | None, typer.Option(help="Comma-separated elements for binary prototypes.", callback=_elements)
+    ] = None,
     prototypes: Annotated[str | None, typer.Option(help=_PROTO_HELP)] = None,
-    limit: Annotated[int | None, typer.Option(help="Label only the first N structures (quick checks).")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Label only the first N structures (quick checks).", callback=at_least(1))
+    ] = None,
     load: Annotated[bool, typer.Option("--load", help="Also append the seed set to the lake.")] = False,
 ) -> None:
     """Enumerate alloy prototypes, relax and label them with a FAM, and write the offline seed set."""

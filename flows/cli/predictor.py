@@ -68,7 +68,7 @@ def train_predictor_cmd(
 
 def _rows_from_files(files: list[Path]) -> list[dict[str, Any]]:
     """Structure rows of the files; the first unreadable or non-physical one exits 2 naming the file."""
-    from pymatgen.core import Structure
+    from pymatgen.core import Element, Structure
 
     from core.ingest import check_cif_values
     from core.structures import to_row
@@ -79,6 +79,9 @@ def _rows_from_files(files: list[Path]) -> list[dict[str, Any]]:
             if f.suffix.lower() == ".cif":
                 check_cif_values(f)  # the readers wrap wild coordinates into the cell and accept any six numbers
             structure = Structure.from_file(f)
+            unknown = sorted({str(sp) for sp in structure.composition if not isinstance(sp, Element)})
+            if unknown:  # pymatgen reads an unknown symbol as a dummy species, with only a warning
+                raise ValueError(f"unknown element {unknown[0]!r}")
             row = to_row(structure)
         except Exception as exc:  # pymatgen raises many types for unreadable files
             refuse(f"cannot read a structure from {f}: {first_line(exc)}")
@@ -131,8 +134,7 @@ def predict(
     try:
         used_id, ensemble = load_predictor(lake, model_id)
     except ModelNotFoundError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        refuse(str(exc))
     if not rows:
         console.print("no structures selected")
         return
