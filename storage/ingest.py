@@ -20,7 +20,7 @@ from core.settings import get_settings
 from storage.lake import Lake
 
 NAMED_SOURCES = ("matbench_log_kvrh", "seed")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]*")
 
 
 def source_name(source: str) -> str:
@@ -61,7 +61,7 @@ def ingest(
     if source == "seed":
         return ingest_seed(lake, run_id=run_id)
     if name and not _SAFE_NAME.fullmatch(name):  # the name becomes a partition folder and a method tag
-        raise IngestError(f"source name {name!r} must be letters, digits, '.', '_' or '-' (no '/', no spaces)")
+        raise IngestError(f"source name {name!r} may hold only letters, digits and ._+@- (no '/', no spaces)")
     name = name or source_name(source)
     records = read_source(source, properties_csv)
     with lake.exclusive("ingest"):  # what is there, then what to add: one writer at a time

@@ -257,12 +257,21 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+LAKE_CASES = [
+    CliCase("lake-is-a-file", ("--lake", "{in}/a-file", "ingest", "{in}"), ("a-file", "is a file, not a lake")),
+    CliCase("lake-is-a-file-for-status", ("--lake", "{in}/a-file", "status"), ("a-file", "is a file, not a lake")),
+    CliCase("lake-unknown-protocol", ("--lake", "nosuchproto://x", "status"), ("nosuchproto",)),
+]
+"""--lake itself bad: given before the command, so these replace the lake the other cases get."""
+
+
+@pytest.mark.parametrize("case", CLI_CASES + LAKE_CASES, ids=[c.id for c in CLI_CASES + LAKE_CASES])
 def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(case: CliCase, workspace: dict[str, Path]) -> None:
     root = workspace["root"]
     args = [a.replace("{in}", str(workspace["in"])) for a in case.args]
     before = snapshot(root)
-    result = CliRunner().invoke(app, ["--lake", str(workspace["lake"]), *args], env={"COLUMNS": "400"})
+    lake = [] if case in LAKE_CASES else ["--lake", str(workspace["lake"])]
+    result = CliRunner().invoke(app, [*lake, *args], env={"COLUMNS": "400"})
     output = result.output
     assert result.exit_code == case.code, output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -444,8 +453,8 @@ def test_ingest_quarantines_exactly_a_non_record_entry_of_a_list(tmp_path: Path,
 
 
 def test_the_table_has_at_least_50_cases() -> None:
-    n = len(CLI_CASES) + len(MODEL_CASES) + len(QUARANTINE_CASES) + 3
+    n = len(CLI_CASES) + len(LAKE_CASES) + len(MODEL_CASES) + len(QUARANTINE_CASES) + 3
     assert n >= 50
-    for table in (CLI_CASES, MODEL_CASES, QUARANTINE_CASES):
+    for table in (CLI_CASES + LAKE_CASES, MODEL_CASES, QUARANTINE_CASES):
         ids = [c.id for c in table]
         assert len(ids) == len(set(ids)), "case ids must be unique within a table"

@@ -29,12 +29,33 @@ train_app = typer.Typer(help="Train the property predictor or the generator.", n
 app.add_typer(train_app, name="train")
 
 
+def lake_option(url: str | None) -> str | None:
+    """--lake: a folder (or a path to create) or an fsspec URL whose protocol is installed, refused at once."""
+    if not url:
+        return url
+    protocol, sep, _ = url.partition("://")
+    if not sep:
+        if os.path.exists(url) and not os.path.isdir(url):
+            raise typer.BadParameter(f"{url} is a file, not a lake folder")
+        return url
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as exc:
+        raise typer.BadParameter(f"cannot open {url}: {first_line(exc)}") from None
+    return url
+
+
 @app.callback()
 def main(
     lake_url: Annotated[
         str | None,
         typer.Option(
-            "--lake", help="Lake root: a path or fsspec URL (default: $MATLOOP_LAKE, else ./lake)", show_default=False
+            "--lake",
+            help="Lake root: a path or fsspec URL (default: $MATLOOP_LAKE, else ./lake)",
+            show_default=False,
+            callback=lake_option,
         ),
     ] = None,
 ) -> None:
