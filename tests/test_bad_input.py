@@ -1,7 +1,8 @@
 """Bad input, everywhere a user can give it (issue 16, item 4): one table of fixture cases per entry point.
 
 Every case asserts (a) a clear one-line reason that names the bad value (CLI exit code 1 or 2; a
-ValidationError naming the field for a flow's parameter model, as the UI or the API would send it),
+ValidationError naming the field for a flow's parameter model, and a ParameterTypeError for a flow run's JSON
+parameters as the UI or the API sends them),
 (b) no traceback, and (c) nothing written (the lake, the input files and the working folder are
 byte-for-byte as before) or exactly the bad record quarantined. No case trains or loads a model: each
 is refused before anything heavy runs.
@@ -365,6 +366,52 @@ def test_every_parameter_model_builds_from_its_defaults() -> None:
 
 
 @dataclass(frozen=True)
+class ApiCase:
+    """A flow run's parameters as the UI or the API sends them (JSON), and the field path its refusal names."""
+
+    id: str
+    flow: str
+    params: dict[str, Any]
+    names: str
+
+
+API_CASES = [
+    ApiCase("loop-negative-target", "active_learning", {"targets": [-350], "focus_target": 350}, "params.targets.0"),
+    ApiCase("loop-focus-not-a-target", "active_learning", {"focus_target": 123}, "focus_target 123 is not one of"),
+    ApiCase("loop-unknown-fam", "active_learning", {"fam_model": "bogus-fam"}, "unknown FAM 'bogus-fam'"),
+    ApiCase("loop-text-iterations", "active_learning", {"iterations": "many"}, "params.iterations"),
+    ApiCase("generate-zero-n-kept", "generate", {"n_kept": 0}, "params.n_kept"),
+    ApiCase("screen-stages-out-of-order", "screen", {"stages": ["fam", "gnn"]}, "funnel order"),
+    ApiCase("label-unknown-preset", "label", {"preset": "bogus"}, "params.preset"),
+    ApiCase("label-negative-ecut", "label", {"overrides": {"ecut": -5}}, "ecut"),
+    ApiCase("train-unknown-model", "train", {"what": ["xyz"]}, "params.what.0"),
+]
+
+
+def _flow(name: str) -> Any:
+    from flows.active_learning import active_learning
+    from flows.generate import generate
+    from flows.label import label
+    from flows.screen import screen
+    from flows.train import train
+
+    return {"active_learning": active_learning, "generate": generate, "screen": screen, "label": label, "train": train}[
+        name
+    ]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c.id for c in API_CASES])
+def test_a_flow_run_with_bad_parameters_is_refused_before_it_starts(case: ApiCase) -> None:
+    """Prefect validates a run's JSON parameters against the flow's model before the flow body runs."""
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError) as info:
+        _flow(case.flow).validate_parameters({"params": case.params})
+    assert case.names in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+@dataclass(frozen=True)
 class QuarantineCase:
     """One bad record among good ones in a source: the record quarantined, and the reason (and detail) it gets."""
 
@@ -453,8 +500,8 @@ def test_ingest_quarantines_exactly_a_non_record_entry_of_a_list(tmp_path: Path,
 
 
 def test_the_table_has_at_least_50_cases() -> None:
-    n = len(CLI_CASES) + len(LAKE_CASES) + len(MODEL_CASES) + len(QUARANTINE_CASES) + 3
+    n = len(CLI_CASES) + len(LAKE_CASES) + len(MODEL_CASES) + len(API_CASES) + len(QUARANTINE_CASES) + 3
     assert n >= 50
-    for table in (CLI_CASES + LAKE_CASES, MODEL_CASES, QUARANTINE_CASES):
+    for table in (CLI_CASES + LAKE_CASES, MODEL_CASES, API_CASES, QUARANTINE_CASES):
         ids = [c.id for c in table]
         assert len(ids) == len(set(ids)), "case ids must be unique within a table"
