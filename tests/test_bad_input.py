@@ -159,7 +159,7 @@ CLI_CASES = [
     CliCase("predict-one-bad-among-good", ("predict", "{in}/good.cif", "{in}/nan.cif"), ("nan.cif",)),
     CliCase("predict-nothing-to-predict", ("predict",), ("give structure FILEs or --sql",)),
     CliCase("predict-files-and-sql", ("predict", "{in}/good.cif", "--sql", "SELECT * FROM structures"), ("not both",)),
-    CliCase("predict-unknown-element", ("predict", "{in}/unknown-element.cif"), ("unknown element 'Xx",)),
+    CliCase("predict-unknown-element", ("predict", "{in}/unknown-element.cif"), ("unknown element 'Xx'",)),
     CliCase("predict-unknown-model", ("predict", "{in}/good.cif", "--model", "nosuch-id"), ("'nosuch-id'",)),
     CliCase("predict-sql-write", ("predict", "--sql", "DROP TABLE structures"), ("DROP", "read-only")),
     CliCase("predict-sql-syntax-error", ("predict", "--sql", "SELEC * FROM structures"), ("SELEC",)),

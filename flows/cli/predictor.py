@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -75,16 +76,22 @@ def _rows_from_files(files: list[Path]) -> list[dict[str, Any]]:
 
     rows = []
     for f in files:
-        try:
-            if f.suffix.lower() == ".cif":
-                check_cif_values(f)  # the readers wrap wild coordinates into the cell and accept any six numbers
-            structure = Structure.from_file(f)
-            unknown = sorted({str(sp) for sp in structure.composition if not isinstance(sp, Element)})
-            if unknown:  # pymatgen reads an unknown symbol as a dummy species, with only a warning
-                raise ValueError(f"unknown element {unknown[0]!r}")
-            row = to_row(structure)
-        except Exception as exc:  # pymatgen raises many types for unreadable files
-            refuse(f"cannot read a structure from {f}: {first_line(exc)}")
+        with warnings.catch_warnings(record=True) as caught:  # a refused file gets one line, not the reader's noise
+            warnings.simplefilter("always")
+            try:
+                if f.suffix.lower() == ".cif":
+                    check_cif_values(f)  # the readers wrap wild coordinates into the cell and accept any six numbers
+                structure = Structure.from_file(f)
+                unknown = sorted(
+                    {getattr(sp, "symbol", str(sp)) for sp in structure.composition if not isinstance(sp, Element)}
+                )
+                if unknown:  # pymatgen reads an unknown symbol as a dummy species, with only a warning
+                    raise ValueError(f"unknown element {unknown[0]!r}")
+                row = to_row(structure)
+            except Exception as exc:  # pymatgen raises many types for unreadable files
+                refuse(f"cannot read a structure from {f}: {first_line(exc)}")
+        for w in caught:  # a file that reads: its reader's warnings still show
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         rows.append({**row, "name": str(f)})
     return rows
 
