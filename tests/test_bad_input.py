@@ -229,6 +229,8 @@ CLI_CASES = [
     CliCase("run-negative-dft-limit", ("run", "--dft-limit", "-1"), ("'--dft-limit'", "got -1")),
     CliCase("run-negative-first-iteration", ("run", "--first-iteration", "-2"), ("first_iteration = -2",)),
     CliCase("run-missing-grader", ("run", "--grader", "{in}/missing.pt"), ("missing.pt", "no such checkpoint")),
+    CliCase("serve-port-out-of-range", ("serve", "--port", "70000"), ("'--port'", "got 70000")),
+    CliCase("serve-port-zero", ("serve", "--port", "0"), ("'--port'", "got 0")),
     # sql: the lake changes only through the flows; a bad query or output path is one line
     CliCase("sql-delete", ("sql", "DELETE FROM structures"), ("DELETE", "read-only")),
     CliCase("sql-copy-to-file", ("sql", "COPY structures TO 'dump.csv'"), ("COPY", "read-only")),

@@ -169,8 +169,17 @@ def _summary(lake: Lake) -> None:
         print_table(lake.query(query))
 
 
+def _port(port: int) -> int:
+    """--port: a TCP port number, refused before anything starts."""
+    if not 1 <= port <= 65535:
+        raise typer.BadParameter(f"a TCP port is 1-65535, got {port}")
+    return port
+
+
 @app.command()
-def serve(port: Annotated[int, typer.Option(help="Port of the Prefect server on 127.0.0.1")] = 4200) -> None:
+def serve(
+    port: Annotated[int, typer.Option(help="Port of the Prefect server on 127.0.0.1", callback=_port)] = 4200,
+) -> None:
     """Start a Prefect server on 127.0.0.1, create the gpu/hpc/default pools, deploy every flow from
     this checkout, start a worker per pool; Ctrl-C stops everything it started."""
     with heavy_imports():
