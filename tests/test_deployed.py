@@ -34,6 +34,7 @@ def test_loop_deployment_runs_every_stage_on_its_pool(tmp_path):
         # loose structure matching so that a candidate of the tiny generator reaches DFT
         "fam_settings": {"ltol": 0.6, "stol": 1.0, "angle_tol": 20.0},
         "dft_limit": 1,
+        "label_source": "dft",  # the default size (laptop) labels with the FAM
         "predictor_config": "small",
         "generator_config": "small",
         "mode": "deployed",
