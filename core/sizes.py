@@ -60,7 +60,7 @@ SIZES: dict[str, RunSize] = {
         predictor_config="small",
         generator_config="small",
         label_source="fam",
-        cost="about 1 h on 2 CPU cores for 7 targets (benchmarks/loop.py --labels fam: 3,438 s)",
+        cost="about 1 h on 2 CPU cores for 7 targets (benchmarks/loop.py --labels fam: 3,057 s)",
     ),
     "paper": RunSize(
         iterations=3,
