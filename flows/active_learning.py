@@ -31,7 +31,7 @@ from core.cgcnn import ConfigName as CGCNNConfigName
 from core.dft import PresetName as DftPreset
 from core.fam import FamSettings
 from core.generator.configs import PresetName as GeneratorPreset
-from core.sizes import DEFAULT_SIZE, SIZES, SizeName, size_help
+from core.sizes import DEFAULT_SIZE, SIZES, RunSize, SizeName, size_help
 from flows.generate import DEFAULT_TARGETS, GenerateParams, TargetK, Targets, generate
 from flows.label import LabelParams, label
 from flows.locking import loop_lock
@@ -50,7 +50,7 @@ DEPLOYMENTS = {
 """Stage -> deployment (flow name / deployment name) used in deployed mode; see prefect.yaml."""
 
 
-SIZED_FIELDS = ("iterations", "n_kept", "samples_per_kept", "predictor_config", "generator_config", "label_source")
+SIZED_FIELDS = tuple(name for name in RunSize.model_fields if name != "cost")
 """The loop fields a run size sets when the user leaves them at 0 or "size" (``core.sizes``)."""
 
 
@@ -126,7 +126,7 @@ class LoopParams(BaseModel):
         size = SIZES[self.size]
         for name in SIZED_FIELDS:
             if getattr(self, name) in (0, "size"):
-                object.__setattr__(self, name, getattr(size, name))
+                setattr(self, name, getattr(size, name))
         return self
 
 

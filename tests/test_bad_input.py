@@ -23,6 +23,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 from ase.io import write
+from cif_samples import two_site_cif
 from pydantic import BaseModel, ValidationError
 from typer.testing import CliRunner
 
@@ -35,38 +36,15 @@ from flows.screen import ScreenParams
 from flows.train import TrainParams
 from storage import Lake
 
-_CIF = """data_x
-_cell_length_a {a}
-_cell_length_b 3.1
-_cell_length_c 3.1
-_cell_angle_alpha {alpha}
-_cell_angle_beta 90
-_cell_angle_gamma 90
-_symmetry_space_group_name_H-M 'P 1'
-loop_
-_atom_site_label
-_atom_site_type_symbol
-_atom_site_fract_x
-_atom_site_fract_y
-_atom_site_fract_z
-W1 W 0 0 0
-Mo1 Mo {x} 0.5 0.5
-"""
-
-
-def _cif(a: float = 3.1, alpha: float = 90, x: object = 0.5) -> str:
-    return _CIF.format(a=a, alpha=alpha, x=x)
-
-
 BAD_FILES: dict[str, Callable[[Path], None]] = {
     "empty.cif": lambda p: p.write_text(""),
     "binary.cif": lambda p: p.write_bytes(bytes(range(256)) * 8),
-    "nan.cif": lambda p: p.write_text(_cif(x="nan")),
-    "text-coord.cif": lambda p: p.write_text(_cif(x="abc")),
-    "wild.cif": lambda p: p.write_text(_cif(x=1e30)),
-    "negative.cif": lambda p: p.write_text(_cif(a=-3.1)),
-    "flat.cif": lambda p: p.write_text(_cif(alpha=200)),
-    "unknown-element.cif": lambda p: p.write_text(_cif().replace("W1 W", "Xx1 Xx")),
+    "nan.cif": lambda p: p.write_text(two_site_cif(x="nan")),
+    "text-coord.cif": lambda p: p.write_text(two_site_cif(x="abc")),
+    "wild.cif": lambda p: p.write_text(two_site_cif(x=1e30)),
+    "negative.cif": lambda p: p.write_text(two_site_cif(a=-3.1)),
+    "flat.cif": lambda p: p.write_text(two_site_cif(alpha=200)),
+    "unknown-element.cif": lambda p: p.write_text(two_site_cif().replace("W1 W", "Xx1 Xx")),
     "overlap.cif": lambda p: write(p, Atoms("WMo", positions=[[0, 0, 0], [0.2, 0, 0]], cell=[3.1] * 3, pbc=True)),
     "notes.txt": lambda p: p.write_text("hello, not a structure\n"),
     "plain.json": lambda p: p.write_text("not json at all"),

@@ -10,6 +10,7 @@ import math
 import pytest
 from ase.build import bulk
 from ase.io import write
+from cif_samples import two_site_cif
 from pymatgen.core import Lattice, Structure
 
 from core.ingest import IngestError, IngestFilters, fetch_matbench
@@ -167,25 +168,6 @@ def test_unknown_source_is_a_clear_error(lake):
         ingest(lake, "/no/such/file.json")
 
 
-_CIF = """data_x
-_cell_length_a {a}
-_cell_length_b 3.1
-_cell_length_c 3.1
-_cell_angle_alpha {alpha}
-_cell_angle_beta 90
-_cell_angle_gamma 90
-_symmetry_space_group_name_H-M 'P 1'
-loop_
-_atom_site_label
-_atom_site_type_symbol
-_atom_site_fract_x
-_atom_site_fract_y
-_atom_site_fract_z
-W1 W 0 0 0
-Mo1 Mo {x} 0.5 0.5
-"""
-
-
 @pytest.mark.parametrize(
     ("fields", "reason", "words"),
     [
@@ -200,8 +182,7 @@ Mo1 Mo {x} 0.5 0.5
 def test_non_physical_cif_cells_are_quarantined_with_a_reason(lake, tmp_path, fields, reason, words):
     folder = tmp_path / "bad"
     folder.mkdir()
-    values = {"a": 3.1, "alpha": 90, "x": 0.5, **fields}
-    (folder / "bad.cif").write_text(_CIF.format(**values))
+    (folder / "bad.cif").write_text(two_site_cif(**fields))
     (folder / "properties.csv").write_text("file,k_vrh\nbad.cif,300\n")
     report = ingest(lake, str(folder))
     assert report.landed == 0 and dict(report.quarantined) == {reason: 1}

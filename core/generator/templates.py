@@ -105,6 +105,7 @@ class TemplateBank:
         """The prototypes the bank has for each composition: decorating one of those again is no new crystal."""
         for crystal, prototype in zip(self.crystals, self.prototypes, strict=True):
             self._known[_composition(crystal.types)].add(prototype)
+        self._near: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self.crystals)
@@ -144,8 +145,12 @@ class TemplateBank:
 
     def _patterns_near(self, pattern: tuple[int, ...]) -> list[tuple[int, ...]]:
         """The bank's counts patterns of as many atoms and elements as ``pattern``, fewest atoms moved first."""
-        same_size = [p for p in self._by_pattern if len(p) == len(pattern) and sum(p) == sum(pattern)]
-        return sorted(same_size, key=lambda p: (sum(abs(a - b) for a, b in zip(p, pattern, strict=True)), p))
+        if pattern not in self._near:  # thousands of samples share a few dozen patterns
+            same_size = [p for p in self._by_pattern if len(p) == len(pattern) and sum(p) == sum(pattern)]
+            self._near[pattern] = sorted(
+                same_size, key=lambda p: (sum(abs(a - b) for a, b in zip(p, pattern, strict=True)), p)
+            )
+        return self._near[pattern]
 
     def _elements(self, index: int) -> list[int]:
         return [t for _, t in self._groups[index]]
