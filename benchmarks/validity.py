@@ -4,7 +4,7 @@ Usage: ``python benchmarks/validity.py [--n 20000] [--device auto]``
 
 Checks ``--n`` structures (the shared data's binaries repeated, and as many random cells, so that
 valid and invalid ones mix as in raw samples) with ``core.metrics.validity_problems`` on the
-device and with ``sample_problem`` per structure on the host, prints structures/s for each and
+device and with ``core.structures.validity_problem`` per structure on the host, prints structures/s for each and
 whether the verdicts agree.
 """
 
@@ -26,8 +26,9 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 from core.device import device_label, resolve_device
-from core.metrics import sample_problem, validity_problems
+from core.metrics import validity_problems
 from core.settings import get_settings
+from core.structures import validity_problem
 
 
 def structures(n: int) -> list[Structure]:
@@ -56,12 +57,12 @@ def main() -> None:
     batched = validity_problems(items, device=str(device))
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loop = [sample_problem(s) for s in items]
+    loop = [validity_problem(s) for s in items]
     t_loop = time.perf_counter() - t0
     valid = sum(p is None for p in batched)
     print(f"{len(items)} structures ({valid} valid), 1 torch thread, batched on {device_label(device)}")
     print(f"  batched (core.metrics.validity_problems): {len(items) / t_batched:9.0f} structures/s")
-    print(f"  one at a time (sample_problem, host):     {len(items) / t_loop:9.0f} structures/s")
+    print(f"  one at a time (validity_problem, host):     {len(items) / t_loop:9.0f} structures/s")
     print(f"  speedup {t_loop / t_batched:.1f}x; verdicts identical: {batched == loop}")
 
 

@@ -482,25 +482,3 @@ def run_point(
     if not (np.isfinite(stress).all() and math.isfinite(energy)):
         raise DftFailure(FailureClass.SCF_UNCONVERGED, "non-finite stress or energy")
     return stress, energy
-
-
-def read_results(code: Literal["vasp", "qe"], directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Energy (eV), forces (eV/Å) and 3x3 stress (eV/Å^3) from a finished VASP or QE run directory.
-
-    Raises DftFailure with the class the output shows (SCF not converged, walltime, ...) before
-    trusting any number in it, so a job that stopped early is never read as a result.
-    """
-    from ase.io import read
-
-    found = classify_output(code, directory)
-    if found is not None:
-        raise DftFailure(found, f"{code} output in {directory} shows {found.value}")
-    path = Path(directory) / ("OUTCAR" if code == "vasp" else QE_OUTPUT)
-    if not path.is_file():
-        raise DftFailure(FailureClass.NODE_LOST, f"no output file {path}: the job died before writing it")
-    atoms = read(path, format="vasp-out" if code == "vasp" else "espresso-out")
-    return {
-        "energy": float(atoms.get_potential_energy()),
-        "forces": np.asarray(atoms.get_forces()),
-        "stress": np.asarray(atoms.get_stress(voigt=False)),
-    }

@@ -1,6 +1,7 @@
-"""Why a DFT calculation failed, whether retrying can help, and deterministic fault injection.
+"""Why a calculation failed, whether retrying can help, and deterministic fault injection.
 
-Every failed attempt is classified into one of five classes. Transient classes (the SCF did not
+Every failed attempt, DFT or FAM, is classified into one of the classes of :class:`FailureClass`, the
+values ``jobs.error_class`` holds. Transient classes (the SCF did not
 converge, the ionic relaxation did not converge, the job hit its walltime, the node died or the
 process was killed) are worth retrying, with escalated settings where settings can help. Bad
 input (an unknown element, overlapping atoms, a malformed cell) fails at once: repeating it
@@ -24,13 +25,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class FailureClass(StrEnum):
-    """The failure taxonomy; values are what the ``jobs.error_class`` column holds."""
+    """The failure taxonomy; values are what the ``jobs.error_class`` column holds.
+
+    The first five classify DFT jobs (and ``bad_input`` also a structure the FAM refuses); the last three
+    are the FAM's: an element the model was not trained on, non-finite or exploding energies, forces or
+    stresses, and any other error the calculator raised. None of the FAM's is retried: the model is
+    deterministic.
+    """
 
     SCF_UNCONVERGED = "scf_unconverged"
     RELAX_UNCONVERGED = "relax_unconverged"
     WALLTIME = "walltime"
     NODE_LOST = "node_lost"
     BAD_INPUT = "bad_input"
+    UNKNOWN_ELEMENT = "unknown_element"
+    UNPHYSICAL = "unphysical"
+    CALCULATOR_ERROR = "calculator_error"
 
 
 TRANSIENT: frozenset[FailureClass] = frozenset(

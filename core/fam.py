@@ -51,6 +51,7 @@ from core.elastic import (
     fit,
     reference_cell,
 )
+from core.failures import FailureClass
 from core.relax import RelaxResult, UnphysicalResultError, relax
 from core.settings import get_settings
 from core.structures import from_atoms, to_row, validity_problem
@@ -109,7 +110,7 @@ class FamOutcome(BaseModel):
     energy_per_atom: float | None = None
     matches_input: bool | None = None
     elastic: ElasticResult | None = None
-    error_class: str | None = None
+    error_class: FailureClass | None = None
     """bad_input | unknown_element | unphysical | calculator_error, when the calculation failed."""
     error: str | None = None
 
@@ -298,12 +299,12 @@ def _matcher(settings: FamSettings) -> StructureMatcher:
     return StructureMatcher(ltol=settings.ltol, stol=settings.stol, angle_tol=settings.angle_tol)
 
 
-def _classify(exc: BaseException) -> str:
+def _classify(exc: BaseException) -> FailureClass:
     if isinstance(exc, UnphysicalResultError | FloatingPointError):
-        return "unphysical"
+        return FailureClass.UNPHYSICAL
     if isinstance(exc, KeyError | ValueError) and "know" in str(exc).lower():
-        return "unknown_element"
-    return "calculator_error"
+        return FailureClass.UNKNOWN_ELEMENT
+    return FailureClass.CALCULATOR_ERROR
 
 
 def fam_outcome(
@@ -346,10 +347,10 @@ def _precheck(atoms: Atoms, calculator: Calculator, model_name: str) -> FamOutco
     unknown = _unknown_elements(atoms, calculator)
     if unknown:
         error = f"{model_name} does not know {', '.join(unknown)}"
-        return FamOutcome(model_name=model_name, error_class="unknown_element", error=error)
+        return FamOutcome(model_name=model_name, error_class=FailureClass.UNKNOWN_ELEMENT, error=error)
     problem = validity_problem(from_atoms(atoms))
     if problem:
-        return FamOutcome(model_name=model_name, error_class="bad_input", error=problem)
+        return FamOutcome(model_name=model_name, error_class=FailureClass.BAD_INPUT, error=problem)
     return None
 
 

@@ -28,7 +28,15 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 from pymatgen.core import Element
 
-from core.structures import MIN_DISTANCE, cell_heights, describe_many, excluded_reason, reduced_formula, split_of
+from core.structures import (
+    MIN_DISTANCE,
+    cell_heights,
+    describe_many,
+    excluded_reason,
+    formula_of,
+    reduced_formula,
+    split_of,
+)
 
 MATBENCH_LOG_KVRH_URL = "https://ml.materialsproject.org/projects/matbench_log_kvrh.json.gz"
 MATBENCH_LOG_KVRH_SHA256 = "44b113ddb7e23aa18731a62c74afa7e5aa654199e0db5f951c8248a00955c9cd"
@@ -350,10 +358,14 @@ def _filter_reason(rec: Record, elements: list[str], nsites: int, filters: Inges
 
 @dataclass
 class Prepared:
-    """Rows ready to append, and the report."""
+    """Structure rows ready to append, the labels each accepted record carries, quarantine rows, and the report.
+
+    ``labels`` pairs a structure id with the record's properties (``k_vrh``, ``g_vrh``,
+    ``formation_energy_per_atom``, ``elastic_tensor``); ``storage.rows`` turns them into ``properties`` rows.
+    """
 
     structures: list[dict[str, Any]]
-    properties: list[dict[str, Any]]
+    labels: list[tuple[str, dict[str, Any]]]
     quarantine: list[dict[str, Any]]
     report: IngestReport
 
@@ -373,7 +385,6 @@ def prepare(
     this source; ``known_quarantine``: record ids of this source already quarantined.
     """
     filters = filters or IngestFilters()
-    method = f"dataset:{source}"
     report = IngestReport(source)
     out = Prepared([], [], [], report)
     seen: set[str] = set(known_structures)
@@ -428,16 +439,15 @@ def prepare(
             seen.add(sid)
             out.structures.append(_structure_row(sid, s, elements, source, rec.record_id))
         labeled.add(sid)
-        out.properties += _property_rows(sid, rec.properties, method)
+        out.labels.append((sid, rec.properties))
     return out
 
 
 def _structure_row(sid: str, s: dict[str, Any], elements: list[str], source: str, source_id: str) -> dict[str, Any]:
     species = list(s["species"])
-    counts = Counter(species)
     return {
         "structure_id": sid,
-        "formula": "".join(f"{el}{n}" for el, n in sorted(counts.items())),
+        "formula": formula_of(species),
         "reduced_formula": reduced_formula(species),
         "elements": elements,
         "nelements": len(elements),
@@ -451,16 +461,3 @@ def _structure_row(sid: str, s: dict[str, Any], elements: list[str], source: str
         "parent_ids": [],
         "split": split_of(sid),
     }
-
-
-def _property_rows(sid: str, props: dict[str, Any], method: str) -> list[dict[str, Any]]:
-    base = {"structure_id": sid, "method": method, "iteration": 0}
-    rows = []
-    for name, unit in (("k_vrh", "GPa"), ("g_vrh", "GPa"), ("formation_energy_per_atom", "eV/atom")):
-        value = props.get(name)
-        if value is not None and math.isfinite(value):
-            rows.append({**base, "name": name, "value": value, "unit": unit})
-    if props.get("elastic_tensor") is not None:
-        tensor = json.dumps(props["elastic_tensor"])
-        rows.append({**base, "name": "elastic_tensor", "value_json": tensor, "unit": "GPa"})
-    return rows

@@ -19,7 +19,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
 from core.device import resolve_device
-from core.structures import MIN_DISTANCE, validity_problem
+from core.structures import MIN_DISTANCE
 
 MATCHER = {"stol": 0.5, "angle_tol": 10.0, "ltol": 0.3}
 """StructureMatcher tolerances of CDVAE's reconstruction and novelty metrics."""
@@ -36,27 +36,12 @@ def _by_formula(structures: Iterable[Structure]) -> dict[str, list[Structure]]:
     return buckets
 
 
-def sample_problem(structure: Structure) -> str | None:
-    """Why a generated structure is invalid, or None: a sliver cell, then ``validity_problem``.
-
-    A cell whose opposite faces are closer than the minimum interatomic distance is rejected first:
-    it is unphysical for a small crystal, and a neighbour search over it needs millions of periodic
-    images (a decoded sliver cell would otherwise exhaust memory in ``min_distance``).
-    """
-    matrix = structure.lattice.matrix
-    if np.isfinite(matrix).all() and abs(np.linalg.det(matrix)) > 1e-12:
-        heights = 1.0 / np.linalg.norm(np.linalg.inv(matrix), axis=0)
-        if heights.min() < MIN_DISTANCE:
-            return f"sliver cell: faces {heights.min():.3f} Å apart"
-    return validity_problem(structure)
-
-
 def validity_problems(structures: Sequence[Structure], device: str | None = None) -> list[str | None]:
-    """Per structure, why it is invalid (sliver cell, atoms closer than 0.5 Å, insane volume) or None.
+    """Per structure, why it is invalid (non-finite, insane volume, flat cell, atoms closer than 0.5 Å) or None.
 
-    The rules of :func:`sample_problem`, evaluated for many structures at once on tensors (on
-    ``device``, default ``MATLOOP_DEVICE``): cells, volumes and every periodic pair distance in
-    a few batched operations instead of a neighbour search per structure. Once no two faces of
+    The rules of :func:`core.structures.validity_problem`, in its order and with its messages, evaluated for
+    many structures at once on tensors (on ``device``, default ``MATLOOP_DEVICE``): cells, volumes and every
+    periodic pair distance in a few batched operations instead of a neighbour search per structure. Once no two faces of
     a cell are closer than the minimum distance, a pair closer than that lies within the 27
     neighbouring cells, so those images are all it searches.
     """
@@ -122,12 +107,12 @@ def _tensor_problems(structures: Sequence[Structure], device: torch.device) -> l
     )
     out: list[str | None] = []
     for ok, has_volume, height, vpa, d in rows:
-        if ok and has_volume and height < MIN_DISTANCE:
-            out.append(f"sliver cell: faces {height:.3f} Å apart")
-        elif not ok:
+        if not ok:
             out.append("non-finite lattice or coordinates")
-        elif not 1.0 < vpa < 200.0:
+        elif not 1.0 < vpa < 200.0 or not has_volume:
             out.append(f"volume per atom {vpa:.2f} Å^3 outside (1, 200)")
+        elif height < MIN_DISTANCE:
+            out.append(f"flat cell: opposite faces {height:.2f} Å apart")
         elif d < MIN_DISTANCE:
             out.append(f"atoms {d:.2f} Å apart (minimum {MIN_DISTANCE} Å)")
         else:

@@ -7,13 +7,12 @@ stores the survivors (relaxed, still the same prototype, Born-stable, 0 < K <= 5
 small Parquet file, committed with the project at ``core/data/seed.parquet``.
 
 Every row says it is FAM-labeled: ``method = "fam:<model>"``, structures ``source = "seed"``.
-:func:`lake_rows` turns the file into ``structures`` and ``properties`` rows for the lake.
+:func:`storage.ingest.seed_rows` turns the file into ``structures`` and ``properties`` rows for the lake.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -230,52 +229,3 @@ def write_seed(rows: Sequence[dict[str, Any]], path: str | Path = SEED_PATH) -> 
     pq.write_table(table, tmp, compression="zstd")
     tmp.replace(path)
     return path
-
-
-_PROPERTY_UNITS = {
-    "k_vrh": "GPa",
-    "g_vrh": "GPa",
-    "k_voigt": "GPa",
-    "k_reuss": "GPa",
-    "g_voigt": "GPa",
-    "g_reuss": "GPa",
-    "eos_k": "GPa",
-    "energy_per_atom": "eV/atom",
-}
-
-
-def lake_rows(path: str | Path = SEED_PATH) -> dict[str, list[dict[str, Any]]]:
-    """The seed file as ``structures`` and ``properties`` rows (provenance columns left for the lake to fill)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no seed set at {path}; build it with `matloop seed`")
-    structures, properties = [], []
-    structure_cols = (
-        "structure_id",
-        "formula",
-        "reduced_formula",
-        "elements",
-        "nelements",
-        "nsites",
-        "lattice",
-        "species",
-        "frac_coords",
-        "volume",
-        "source",
-        "source_id",
-        "split",
-    )
-    for row in pq.read_table(path).to_pylist():
-        structures.append({k: row[k] for k in structure_cols} | {"parent_ids": []})
-        common = {
-            "structure_id": row["structure_id"],
-            "method": row["method"],
-            "model_id": row["method"][4:],
-            "settings_hash": row["settings_hash"],
-            "flags": row["flags"],
-        }
-        for name, unit in _PROPERTY_UNITS.items():
-            if row[name] is not None:
-                properties.append({**common, "name": name, "value": float(row[name]), "unit": unit})
-        properties.append({**common, "name": "elastic_tensor", "value_json": json.dumps(row["c_voigt"]), "unit": "GPa"})
-    return {"structures": structures, "properties": properties}

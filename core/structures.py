@@ -41,19 +41,25 @@ SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 
 # ---------- conversions ----------
+def formula_of(species: Sequence[str]) -> str:
+    """``structures.formula``: the cell's element counts in alphabetical order (``Al3Ti1``), whoever writes it."""
+    return "".join(f"{el}{n}" for el, n in sorted(Counter(species).items()))
+
+
 def to_row(structure: Structure) -> dict[str, Any]:
     """The structural columns of a ``structures`` row (ids and provenance added by the caller)."""
     comp = structure.composition
     elements = sorted({el.symbol for el in comp.elements})
+    species = [site.specie.symbol for site in structure]
     return {
         "structure_id": structure_id(structure),
-        "formula": comp.formula.replace(" ", ""),
+        "formula": formula_of(species),
         "reduced_formula": comp.reduced_formula,
         "elements": elements,
         "nelements": len(elements),
         "nsites": len(structure),
         "lattice": structure.lattice.matrix.tolist(),
-        "species": [site.specie.symbol for site in structure],
+        "species": species,
         "frac_coords": structure.frac_coords.tolist(),
         "volume": float(structure.volume),
     }

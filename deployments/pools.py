@@ -4,7 +4,8 @@ Three process-type pools: ``gpu`` (train, generate, screen), ``hpc`` (label: the
 the cluster's login node and fans DFT out as SLURM jobs through Dask) and ``default`` (the loop).
 Each template is Prefect's process template with environment defaults for its machines (``gpu``:
 ``MATLOOP_DEVICE=auto``, so every model takes the GPU where the worker has one); the
-``hpc`` one carries the SLURM settings (``MATLOOP_SLURM_*``) that the label flow reads.
+``hpc`` one carries the SLURM settings (``MATLOOP_SLURM_*``, the defaults of
+:class:`deployments.runners.SlurmOptions`) that the label flow reads.
 
     python -m deployments.pools write    # regenerate the JSON templates from Prefect's default
     python -m deployments.pools create   # create or update the pools on $PREFECT_API_URL
@@ -18,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from deployments.runners import SlurmOptions
+
 HERE = Path(__file__).resolve().parent
 POOLS: dict[str, dict[str, str]] = {
     "gpu": {"PYTHONUNBUFFERED": "1", "MATLOOP_DEVICE": "auto"},
@@ -25,12 +28,7 @@ POOLS: dict[str, dict[str, str]] = {
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        "MATLOOP_SLURM_PARTITION": "",
-        "MATLOOP_SLURM_ACCOUNT": "",
-        "MATLOOP_SLURM_CORES": "1",
-        "MATLOOP_SLURM_MEMORY": "2GB",
-        "MATLOOP_SLURM_WALLTIME": "01:00:00",
-        "MATLOOP_SLURM_PROLOGUE": "",
+        **SlurmOptions.pool_environment(),
     },
     "default": {"PYTHONUNBUFFERED": "1"},
 }

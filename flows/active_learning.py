@@ -38,8 +38,9 @@ from flows.locking import loop_lock
 from flows.screen import FamName, ScreenParams, screen
 from flows.train import TrainParams, train
 from storage import Lake
+from storage.iterations import iteration_metrics
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
-from tasks.iteration import iteration_metrics, latent_snapshot
+from tasks.generate import latent_snapshot
 
 DEPLOYMENTS = {
     "train": "train/gpu",

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.locking import stage_lock
 from storage import Lake
-from storage.candidates import current
+from storage.candidates import current, record_generated
 from tasks.common import in_lake
-from tasks.generate import load_registered_generator, sample_candidates, write_candidates
+from tasks.generate import load_registered_generator, sample_candidates
 
 DEFAULT_TARGETS = (60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0)
 
@@ -90,9 +90,7 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
                 params.ranker,
             )
             stats = result["stats"]
-            written = write_candidates(
-                lake_url, params.iteration, model_id, float(target), result["kept"], run_id, stats
-            )
+            written = record_generated(lake, params.iteration, model_id, float(target), result["kept"], run_id, stats)
             summary.append(
                 {
                     "target": target,

@@ -1,22 +1,31 @@
 """The ``screen`` flow: stage I (CGCNN) and stage II (foundation atomic model) for one iteration.
 
-Stage I moves candidates ``generated -> gnn_pass | rejected``; stage II moves ``gnn_pass ->
-fam_pass | rejected``. Each stage touches only candidates still waiting for it, so a rerun
-resumes where a crashed run stopped, and stage II's compute is cached per batch of structures.
+Each stage has the same shape: select the candidates waiting for it (``storage.candidates.current``), call
+its cached task (``tasks.predict.predict_k``, ``tasks.fam.fam_batch``), let ``core.screening`` decide, and
+record through ``storage`` (``properties``, ``jobs``, ``structures`` and the candidates' new rows). Stage I
+moves ``generated -> gnn_pass | rejected``; stage II ``gnn_pass -> fam_pass | rejected``. A stage touches
+only candidates still waiting for it, so a rerun resumes where a crashed run stopped, and the cached tasks
+make the finished work free.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from core.fam import FAM_NAMES, FamSettings
 from flows.locking import stage_lock
 from storage import Lake
+from storage.candidates import Status, advance, current
+from storage.queries import dedup_references, structure_rows
+from storage.rows import Origin, PredictionPayload, fam_job_row, fam_rows, prediction_row, structure_row
+from tasks.common import in_lake, run_logger
 
 Stage = Literal["gnn", "fam"]
 
@@ -82,12 +91,8 @@ def screen(params: ScreenParams | None = None) -> dict[str, Any]:
         lake_url = lake.url
         summary: dict[str, Any] = {}
         if "gnn" in params.stages:
-            from tasks.gnn_screen import screen_gnn  # stage I pulls in the predictor stack; load it only when run
-
             summary["gnn"] = screen_gnn(lake_url, params.iteration, params.gnn_tolerance, params.gnn_model_id)
         if "fam" in params.stages:
-            from tasks.fam import screen_fam
-
             summary["fam"] = screen_fam(
                 lake_url,
                 params.iteration,
@@ -106,3 +111,157 @@ def screen(params: ScreenParams | None = None) -> dict[str, Any]:
         )
         logger.info("screen iteration %d: %s", params.iteration, summary)
         return summary
+
+
+def _run_id() -> str | None:
+    run = flow_run.get_id()
+    return str(run) if run else None
+
+
+def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id: str | None = None) -> dict:
+    """Stage I for one iteration: predict, filter, deduplicate, record. Returns counts per outcome.
+
+    ``model_id`` None uses the latest registered CGCNN. Returns ``{"iteration", "model_id",
+    "screened", "passed", "rejected", "single_element", "off_target", "duplicate_known",
+    "duplicate_batch"}``.
+    """
+    # stage I pulls in the predictor stack: loaded only when it runs
+    from core.screening import GNN_OUTCOMES, gnn_verdicts
+    from storage.registry import resolve_model
+    from tasks.predict import predict_k
+    from tasks.train import PREDICTOR_KIND
+
+    if tolerance <= 0:
+        raise ValueError(f"tolerance must be positive, got {tolerance}")
+    logger = run_logger()
+    lake = Lake(lake_url)
+    record = resolve_model(lake, PREDICTOR_KIND, model_id)
+    todo = current(lake, iteration, status=Status.GENERATED)
+    counts: dict[str, Any] = {"iteration": iteration, "model_id": record.model_id, "screened": len(todo)}
+    counts.update(dict.fromkeys(("rejected", *GNN_OUTCOMES), 0))
+    if not todo:
+        logger.info("iteration %d: no generated candidates to screen", iteration)
+        return counts
+
+    ids = sorted({c["structure_id"] for c in todo})
+    rows = {r["structure_id"]: r for r in structure_rows(lake, ids)}
+    logger.info("iteration %d: predicting K for %d structures (%d candidates)", iteration, len(ids), len(todo))
+    predictions = {p["structure_id"]: p for p in in_lake(predict_k, lake_url)(lake_url, record.model_id, ids)}
+    run_id = _run_id()
+    origin = Origin(
+        method=f"cgcnn@{record.model_id}",
+        model_id=record.model_id,
+        settings_hash=record.settings_hash,
+        iteration=iteration,
+    )
+    lake.append_new(  # a rerun gets the predictions from the cache: each row once
+        "properties",
+        [
+            prediction_row(sid, origin, p["k_vrh"], p["k_vrh_std"], PredictionPayload.model_validate(p))
+            for sid, p in predictions.items()
+        ],
+        run_id=run_id,
+    )
+    known = dedup_references(lake, ids, sorted({r["reduced_formula"] for r in rows.values()}), iteration)
+    decided = gnn_verdicts(todo, rows, predictions, known, tolerance, record.model_id)
+    advance(lake, [update for update, _ in decided], stage="gnn", run_id=run_id)
+    tally = Counter(outcome for _, outcome in decided)
+    counts.update(tally)
+    counts["rejected"] = len(decided) - tally["passed"]
+    logger.info("iteration %d stage I: %s", iteration, counts)
+    return counts
+
+
+def screen_fam(
+    lake_url: str,
+    iteration: int,
+    tolerance: float = 0.20,
+    model: str = "auto",
+    settings: FamSettings | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Stage II for one iteration: ``gnn_pass`` -> ``fam_pass`` | ``rejected``. Returns counts.
+
+    Each distinct structure is computed once, in deterministic batches (so reruns hit the cache), and every
+    batch is recorded before the next starts. Returns ``{"iteration", "model", "screened", "passed",
+    "rejected", "errors", "reasons"}``.
+    """
+    from core.fam import FamOutcome
+    from core.provenance import settings_hash
+    from core.screening import fam_verdicts
+    from tasks.fam import fam_batch, resolve_model, structure_input
+
+    if tolerance <= 0 or batch_size < 1:
+        raise ValueError("tolerance must be positive and batch_size at least 1")
+    settings = settings or FamSettings()
+    logger = run_logger()
+    lake = Lake(lake_url)
+    todo = current(lake, iteration, status=Status.GNN_PASS)
+    model = resolve_model(model)
+    counts: dict[str, Any] = {"iteration": iteration, "model": model, "screened": len(todo)}
+    counts |= {"passed": 0, "rejected": 0, "errors": 0, "reasons": {}}
+    if not todo:
+        logger.info("iteration %d: no %s candidates for stage II", iteration, Status.GNN_PASS)
+        return counts
+    ids = sorted({c["structure_id"] for c in todo})
+    rows = {r["structure_id"]: r for r in structure_rows(lake, ids)}  # raises LookupError naming missing ids
+    shash = settings_hash({"model": model, "settings": settings})
+    run_id = _run_id()
+    task = in_lake(fam_batch, lake_url)
+    reasons: Counter[str] = Counter()
+    logger.info(
+        "iteration %d stage II: %d structures (%d candidates) with %s in batches of %d",
+        iteration,
+        len(ids),
+        len(todo),
+        model,
+        batch_size,
+    )
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        results = {r["structure_id"]: r for r in task([structure_input(rows[s]) for s in chunk], model, settings)}
+        outcomes = {sid: FamOutcome.model_validate(r["outcome"]) for sid, r in results.items()}
+        # append_new: a rerun after a kill gets the batch from the cache and would write its rows twice
+        jobs = [
+            fam_job_row(
+                sid,
+                outcomes[sid].model_name,
+                settings.model_dump_json(),
+                shash,
+                error_class=outcomes[sid].error_class,
+                error=outcomes[sid].error,
+                wall_time_s=results[sid]["wall_time_s"],
+                host=results[sid]["host"],
+                device=results[sid].get("device"),
+            )
+            for sid in chunk
+        ]
+        lake.append_new("jobs", jobs, run_id=run_id)
+        properties = [
+            row
+            for sid in chunk
+            for row in fam_rows(
+                sid, outcomes[sid].model_name, outcomes[sid].energy_per_atom, outcomes[sid].elastic, shash, iteration
+            )
+        ]
+        lake.append_new("properties", properties, run_id=run_id)
+        relaxed = [
+            structure_row(o.relaxed, "fam-relaxed", f"fam:{o.model_name}", [sid])
+            for sid, o in outcomes.items()
+            if o.relaxed is not None
+        ]
+        lake.append_new("structures", relaxed, run_id=run_id)
+        decided = fam_verdicts(todo, outcomes, tolerance)
+        for update, reason in decided:
+            counts[{"pass": "passed", "reject": "rejected", "error": "errors"}[update["fam_verdict"]]] += 1
+            reasons[reason] += 1
+        advance(lake, [update for update, _ in decided], stage="fam", run_id=run_id)
+        logger.info(
+            "stage II: %d/%d structures done (%d passed so far)",
+            min(start + batch_size, len(ids)),
+            len(ids),
+            counts["passed"],
+        )
+    counts["reasons"] = dict(reasons)
+    logger.info("iteration %d stage II: %s", iteration, counts)
+    return counts

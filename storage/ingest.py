@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from core.ingest import (
     IngestError,
@@ -17,7 +18,13 @@ from core.ingest import (
     read_json_source,
 )
 from core.settings import get_settings
+from core.structures import formula_of
 from storage.lake import Lake
+from storage.rows import MODULI, Origin, label_rows
+from storage.schemas import STRUCTURES
+
+DATASET_LABELS = ("k_vrh", "g_vrh", "formation_energy_per_atom")
+"""The scalar labels a dataset record may carry (its tensor is written too)."""
 
 NAMED_SOURCES = ("matbench_log_kvrh", "seed")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]*")
@@ -76,18 +83,46 @@ def ingest(
             r["record_id"] for r in lake.query("SELECT record_id FROM quarantine WHERE source = ?", [name]).to_pylist()
         }
         out = prepare(records, name, filters, known_structures, known_labels, known_quarantine, progress)
+        origin = Origin(method=f"dataset:{name}")
+        properties = [
+            row
+            for sid, props in out.labels
+            for row in label_rows(sid, origin, {k: props.get(k) for k in DATASET_LABELS}, props.get("elastic_tensor"))
+        ]
         # Structures first: a property never refers to a structure that is not there.
         lake.append("structures", out.structures, run_id=run_id)
-        lake.append("properties", out.properties, run_id=run_id)
+        lake.append("properties", properties, run_id=run_id)
         lake.append("quarantine", out.quarantine, run_id=run_id)
     return out.report
 
 
+def seed_rows(path: str | Path | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The seed file (``core/data/seed.parquet``, or ``path``) as ``structures`` and ``properties`` rows."""
+    import pyarrow.parquet as pq
+
+    from core.seed import SEED_PATH
+
+    path = Path(path or SEED_PATH)
+    if not path.is_file():
+        raise FileNotFoundError(f"no seed set at {path}; build it with `matloop seed`")
+    structures, properties = [], []
+    for row in pq.read_table(path).to_pylist():
+        structure = {k: row[k] for k in STRUCTURES.names if k in row}
+        structures.append(structure | {"formula": formula_of(row["species"]), "parent_ids": []})
+        origin = Origin(
+            method=row["method"], model_id=row["method"].removeprefix("fam:"), settings_hash=row["settings_hash"]
+        )
+        origin = origin.model_copy(update={"flags": tuple(row["flags"] or ())})
+        values = {name: row[name] for name in (*MODULI, "energy_per_atom")}
+        properties += label_rows(row["structure_id"], origin, values, row["c_voigt"])
+    return {"structures": structures, "properties": properties}
+
+
 def ingest_seed(lake: Lake, run_id: str | None = None) -> IngestReport:
     """The committed, FAM-labeled seed set (``core/data/seed.parquet``): rows the lake lacks are added."""
-    from core.seed import SOURCE, lake_rows
+    from core.seed import SOURCE
 
-    rows = lake_rows()
+    rows = seed_rows()
     with lake.exclusive("ingest"):
         return _add_seed(lake, rows, SOURCE, run_id)
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pyarrow as pa
 
 from storage.lake import Lake
+from storage.rows import ElasticPayload
 
+_STRUCTURE_COLUMNS = "structure_id, lattice, species, frac_coords, elements, nelements, reduced_formula"
 LOOP_LABEL_FLAG = "loop_label"
 """Flag on a FAM property row that the label stage promoted to a training label (label source ``fam``)."""
 LOOP_SOURCES = ("generated", "fam-relaxed", "dft-relaxed")
@@ -81,4 +86,65 @@ def funnel(lake: Lake, iteration: int) -> list[dict]:
         FROM candidates WHERE iteration = ? GROUP BY target ORDER BY target
         """,
         [iteration],
+    ).to_pylist()
+
+
+def label_inputs(lake: Lake, structure_ids: Sequence[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Stage III's starting points: the ``structures`` rows of these ids, and the newest FAM-relaxed row of each
+    (keyed by the unrelaxed id) where stage II relaxed it."""
+    ids = list(structure_ids)
+    rows = lake.query("SELECT * FROM structures WHERE list_contains(?, structure_id)", [ids]).to_pylist()
+    relaxed = lake.query(
+        "SELECT * FROM structures WHERE source = 'fam-relaxed' AND list_has_any(parent_ids, ?) ORDER BY created_at",
+        [ids],
+    ).to_pylist()
+    return {r["structure_id"]: r for r in rows}, {r["parent_ids"][0]: r for r in relaxed}
+
+
+def elastic_tensors(lake: Lake, structure_ids: Sequence[str] | None = None) -> list[tuple[str, str, ElasticPayload]]:
+    """(structure_id, method, payload) of every current ``elastic_tensor`` row, old payload shapes included."""
+    where = "AND list_contains(?, structure_id)" if structure_ids is not None else ""
+    rows = lake.query(
+        f"SELECT structure_id, method, value_json FROM properties WHERE name = 'elastic_tensor' {where} "
+        "ORDER BY structure_id, method",
+        [list(structure_ids)] if structure_ids is not None else None,
+    ).to_pylist()
+    return [(r["structure_id"], r["method"], ElasticPayload.from_json(r["value_json"])) for r in rows]
+
+
+def structure_rows(lake: Lake, structure_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """``structures`` rows for these ids, in the given order; a clear error names any missing id."""
+    rows = lake.query(
+        f"SELECT {_STRUCTURE_COLUMNS} FROM structures WHERE structure_id IN (SELECT unnest(?::VARCHAR[]))",
+        [list(structure_ids)],
+    ).to_pylist()
+    by_id = {r["structure_id"]: r for r in rows}
+    missing = [s for s in structure_ids if s not in by_id]
+    if missing:
+        raise LookupError(f"{len(missing)} structure(s) not in the lake's structures table, e.g. {missing[:3]}")
+    return [by_id[s] for s in structure_ids]
+
+
+def dedup_references(
+    lake: Lake, batch_ids: Sequence[str], formulas: Sequence[str], iteration: int
+) -> list[dict[str, Any]]:
+    """Lake structures a candidate may duplicate: same reduced formula, and not merely this batch itself.
+
+    A batch id counts as known when it also came from somewhere else: a non-generated source, a
+    candidate of another iteration, or a candidate of this iteration that already passed this stage.
+    """
+    return lake.query(
+        f"""
+        WITH batch AS (SELECT unnest(?::VARCHAR[]) AS structure_id),
+        seen AS (
+            SELECT structure_id FROM structures_history WHERE source <> 'generated'
+            UNION SELECT structure_id FROM candidates WHERE iteration <> ?
+            UNION SELECT structure_id FROM candidates WHERE iteration = ? AND status NOT IN ('generated', 'rejected')
+        )
+        SELECT {_STRUCTURE_COLUMNS} FROM structures
+        WHERE reduced_formula IN (SELECT unnest(?::VARCHAR[]))
+          AND (structure_id NOT IN (SELECT structure_id FROM batch) OR structure_id IN (SELECT structure_id FROM seen))
+        ORDER BY structure_id
+        """,
+        [list(batch_ids), iteration, iteration, list(formulas)],
     ).to_pylist()

@@ -1,30 +1,28 @@
-"""Generation tasks: sample and keep candidates for one target (cached), and write them to the lake.
+"""Generation's unit of work: sample and keep candidates for one target, cached; and the model loaders it uses.
 
 Sampling is cached on (lake, model id, target, counts, seed, task source): a rerun of a finished
-generate step samples nothing. Writing is a separate task, and the flow calls it only for
-targets that have no candidates yet in the iteration, so a rerun never moves a candidate that a
-later stage advanced back to "generated".
+generate step samples nothing. Writing the kept candidates is ``storage.candidates.record_generated``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import task
+from pymatgen.core import Structure
 
 from core.cgcnn import Ensemble
-from core.generator import Generator, keep_best, load_generator
+from core.generator import Generator, generate, load_generator
 from core.metrics import mape, validity
-from core.structures import split_of, to_row
-from storage.candidates import advance
+from core.structures import from_row, to_row
 from storage.lake import Lake
-from storage.registry import checkpoint_path, resolve_model
+from storage.queries import labeled_k_vrh
+from storage.registry import ModelNotFoundError, checkpoint_path, resolve_model
 from tasks.common import compute_task, run_logger
 from tasks.train_generator import GENERATOR_KIND
 
@@ -63,6 +61,12 @@ def load_grader(path: str) -> tuple[str, Ensemble]:
     return _grader(file, file.stat().st_mtime)
 
 
+def cgcnn_k(path: str) -> Callable[[list[Structure]], np.ndarray]:
+    """K_vrh (GPa) of structures by the CGCNN checkpoint at ``path`` (a ranker or a grader)."""
+    _, ensemble = load_grader(path)
+    return lambda structures: np.asarray(ensemble.predict_rows([to_row(s) for s in structures]).k_vrh, dtype=float)
+
+
 @compute_task(name="sample-candidates", retries=0)
 def sample_candidates(
     lake_url: str,
@@ -87,13 +91,9 @@ def sample_candidates(
     """
     logger = run_logger()
     _, generator = load_registered_generator(lake_url, model_id)
-    batch = generator.sample([target], n_kept * samples_per_kept, derive_seed(seed, target))
-    head_scores = batch.scores
-    if ranker != "head":
-        _, ranking = load_grader(ranker)
-        k = ranking.predict_rows([to_row(s) for s in batch.structures]).k_vrh
-        batch = dataclasses.replace(batch, scores=np.asarray(k, dtype=float))  # validity and decoders stay
-    kept, kept_index = keep_best(batch, n_kept, with_index=True)
+    rank = None if ranker == "head" else cgcnn_k(ranker)
+    step = generate(generator, [target], n_kept, samples_per_kept, derive_seed(seed, target), rank)
+    batch, kept, kept_index, head_scores = step.samples, step.kept, step.kept_index, step.samples.scores
     stats: dict[str, Any] = {
         "target": target,
         "generator_model_id": model_id,
@@ -107,65 +107,45 @@ def sample_candidates(
         "k_head_raw_json": json.dumps([round(float(k), 2) for k in head_scores]),
     }
     if grader:
-        grader_id, ensemble = load_grader(grader)
-        graded = ensemble.predict_rows([to_row(s) for s in batch.structures]).k_vrh
+        grader_id, _ = load_grader(grader)
+        graded = cgcnn_k(grader)(batch.structures)
         stats |= {
             "grader_id": grader_id,
             "mape_grader_raw": mape(graded, target),
-            "mape_grader_kept": mape(ensemble.predict_rows([to_row(s) for s in kept.structures]).k_vrh, target),
+            "mape_grader_kept": mape(np.asarray(graded)[kept_index], target),
             "k_grader_raw_json": json.dumps([round(float(k), 2) for k in graded]),
         }
     logger.info("target %.0f GPa: %s", target, {k: v for k, v in stats.items() if not k.endswith("_json")})
-    rows = [{**to_row(s), "score": float(sc)} for s, sc in zip(kept.structures, head_scores[kept_index], strict=True)]
+    rows = [{**to_row(s), "score": float(sc)} for s, sc in zip(kept.structures, kept.scores, strict=True)]
     return {"kept": rows, "stats": stats}
 
 
-@task(name="write-candidates", retries=2, retry_delay_seconds=5)
-def write_candidates(
-    lake_url: str,
-    iteration: int,
-    model_id: str,
-    target: float,
-    kept: list[dict[str, Any]],
-    run_id: str | None = None,
-    stats: dict[str, Any] | None = None,
-) -> int:
-    """Append the batch's ``generations`` row, then the kept structures (new ids only) and their candidate rows.
+def latent_snapshot(
+    lake: Lake, iteration: int, max_reference: int = 600
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(latents, is_new, K) of training structures and this iteration's candidates, for the t-SNE map.
 
-    The statistics go first: the flow treats a target with candidates as done, and a rerun after a crash
-    between the writes finds the same statistics row already current and writes no twin, so nothing is
-    lost and nothing doubles.
+    The candidates are drawn with their best-known K (DFT, else FAM, else the stage-I CGCNN), so the
+    map is there from the first iteration, labeled or not. None when the generator has no latent
+    space or the iteration has no candidates yet.
     """
-    lake = Lake(lake_url)
-    if stats:
-        lake.append_new("generations", [{**stats, "iteration": iteration}], run_id=run_id)  # a rerun writes no twin
-    if not kept:
-        return 0
-    ids = [r["structure_id"] for r in kept]
-    # a kept crystal that is already in the lake (e.g. a training structure) keeps its original row
-    known = lake.query("SELECT structure_id FROM structures WHERE list_contains(?, structure_id)", [ids])
-    known_ids = set(known.column("structure_id").to_pylist())
-    new_rows = [
-        {
-            **{k: v for k, v in r.items() if k != "score"},
-            "source": "generated",
-            "parent_ids": [],
-            "source_id": f"{model_id}/it{iteration}/k{target:g}/{i}",
-            "split": split_of(r["structure_id"]),
-        }
-        for i, r in enumerate(kept)
-        if r["structure_id"] not in known_ids
-    ]
-    lake.append("structures", new_rows, run_id=run_id)
-    updates = [
-        {
-            "iteration": iteration,
-            "structure_id": r["structure_id"],
-            "target": float(target),
-            "generator_model_id": model_id,
-            "generator_score": float(r["score"]),
-            "status": "generated",
-        }
-        for r in kept
-    ]
-    return advance(lake, updates, stage=STAGE, run_id=run_id)
+    found = lake.query(
+        "SELECT s.*, coalesce(c.dft_k, c.fam_k, c.gnn_k) AS k_vrh FROM candidates c JOIN structures s "
+        "USING (structure_id) WHERE c.iteration = ? AND coalesce(c.dft_k, c.fam_k, c.gnn_k) IS NOT NULL "
+        "ORDER BY c.dft_k IS NULL, c.fam_k IS NULL, structure_id",
+        [iteration],
+    ).to_pylist()
+    new = list({r["structure_id"]: r for r in reversed(found)}.values())  # one point per structure, best K kept
+    if not new:  # checked first: nothing to highlight, so no model load and no training-set read
+        return None
+    try:
+        _, generator = load_registered_generator(lake.url)
+    except ModelNotFoundError:
+        return None
+    rows = labeled_k_vrh(lake, split="train").to_pylist()[:max_reference] + new
+    try:
+        z = generator.latents([from_row(r) for r in rows])
+    except NotImplementedError:  # a generator without an encoder has no map to draw
+        return None
+    is_new = np.array([False] * (len(rows) - len(new)) + [True] * len(new))
+    return z, is_new, np.array([r["k_vrh"] for r in rows], dtype=float)

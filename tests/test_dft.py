@@ -19,7 +19,6 @@ from core.dft import (
     escalate,
     kpoint_mesh,
     preset,
-    read_results,
     resolve,
     run_point,
 )
@@ -180,59 +179,6 @@ def test_qe_input_round_trips_and_converts_units(tmp_path, monkeypatch):
     assert "tstress          = .true." in text
     back = read(tmp_path / "espresso.pwi", format="espresso-in")
     assert np.allclose(back.cell[:], atoms.cell[:]) and back.get_chemical_symbols() == ["Ir"]
-
-
-PWO = """
-     Program PWSCF v.7.2 starts on  1Jan2026 at  0: 0: 0
-     bravais-lattice index     =            0
-     lattice parameter (alat)  =       5.1702  a.u.
-     number of atoms/cell      =            1
-     number of atomic types    =            1
-     celldm(1)=   5.170200  celldm(2)=   0.000000  celldm(3)=   0.000000
-
-     crystal axes: (cart. coord. in units of alat)
-               a(1) = (   0.000000   0.500000   0.500000 )
-               a(2) = (   0.500000   0.000000   0.500000 )
-               a(3) = (   0.500000   0.500000   0.000000 )
-
-     site n.     atom                  positions (alat units)
-         1           Ir  tau(   1) = (   0.0000000   0.0000000   0.0000000  )
-
-     number of k points=   120  Marzari-Vanderbilt smearing, width (Ry)=  0.0073
-
-     Number of k-points >= 100: set verbosity='high' to print them.
-{scf}
-
-     Number of k-points >= 100: set verbosity='high' to print the bands.
-
-!    total energy              =    -190.12345678 Ry
-
-     Forces acting on atoms (cartesian axes, Ry/au):
-
-     atom    1 type  1   force =     0.00000000    0.00000000    0.00000000
-
-     total   stress  (Ry/bohr**3)                   (kbar)     P=       12.50
-   0.00008497   0.00000000   0.00000000           12.50        0.00        0.00
-   0.00000000   0.00008497   0.00000000            0.00       12.50        0.00
-   0.00000000   0.00000000   0.00008497            0.00        0.00       12.50
-
-     JOB DONE.
-"""
-
-
-def test_qe_output_is_parsed_and_an_unconverged_one_is_refused(tmp_path):
-    (tmp_path / "espresso.pwo").write_text(PWO.format(scf="     End of self-consistent calculation"))
-    out = read_results("qe", tmp_path)
-    assert out["energy"] == pytest.approx(-190.12345678 * 13.605693, rel=1e-6)
-    assert out["stress"].shape == (3, 3) and out["stress"][0, 0] == pytest.approx(-12.50 * 0.1 / 160.2177, rel=1e-3)
-    unconverged = "     convergence NOT achieved after 120 iterations: stopping"
-    (tmp_path / "espresso.pwo").write_text(PWO.format(scf=unconverged))
-    with pytest.raises(DftFailure, match="scf_unconverged"):
-        read_results("qe", tmp_path)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(DftFailure, match="node_lost"):
-        read_results("vasp", empty)
 
 
 # ---------- real GPAW ----------

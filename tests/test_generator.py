@@ -25,7 +25,7 @@ from core.generator.cdvae import (
 )
 from core.generator.crystals import Crystal, lattice_matrices, lattice_params
 from core.generator.templates import TemplateBank
-from core.structures import excluded_reason, structure_id, symmetrize
+from core.structures import excluded_reason, structure_id, symmetrize, validity_problem
 
 TINY = CDVAEConfig(
     name="tiny",
@@ -350,7 +350,7 @@ def test_metrics_validity_uniqueness_novelty_match_rate_mape():
 
 
 def test_batched_validity_gives_the_per_structure_verdicts(shared_data: Path):
-    """The tensor-batched check (what sample() runs on the model's device) says exactly what sample_problem says."""
+    """The tensor-batched check (what sample() runs on the model's device) says exactly what validity_problem says."""
     rng = np.random.default_rng(3)
     structures = [Structure.from_dict(r["structure"]) for r in metallic_records(shared_data, 60)]
     for _ in range(150):  # random cells: slivers, overlaps, huge and tiny volumes, and valid ones
@@ -365,11 +365,11 @@ def test_batched_validity_gives_the_per_structure_verdicts(shared_data: Path):
         Structure(Lattice.cubic(0.8), ["Cu"], [[0, 0, 0]]),
         Structure(Lattice.cubic(3.0), ["Cu"], [[np.nan, 0, 0]]),
     ]
-    expected = [metrics.sample_problem(s) for s in structures]
+    expected = [validity_problem(s) for s in structures]
     batched = metrics.validity_problems(structures)
     assert batched == expected
     assert 0 < sum(p is None for p in expected) < len(expected)
-    assert {p.split()[0] for p in expected if p} >= {"sliver", "atoms", "volume", "non-finite"}
+    assert {p.split()[0] for p in expected if p} >= {"flat", "atoms", "volume", "non-finite"}
 
 
 def test_samples_carry_their_validity_and_keep_best_uses_it(trained):

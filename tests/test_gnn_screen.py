@@ -12,6 +12,7 @@ import torch
 from pymatgen.core import Lattice, Structure
 
 from core.cgcnn import Ensemble, get_config
+from core.screening import gnn_verdicts
 from core.structures import split_of, to_row
 from storage.registry import (
     ModelNotFoundError,
@@ -21,7 +22,6 @@ from storage.registry import (
     register_model,
     resolve_model,
 )
-from tasks.gnn_screen import verdicts
 
 torch.set_num_threads(1)
 
@@ -87,14 +87,14 @@ def _candidates(known_copy: Structure) -> list[tuple[Structure, float, str]]:
     ]
 
 
-def test_verdicts_order_of_checks() -> None:
+def test_gnn_verdicts_order_of_checks() -> None:
     known = _structure(Lattice.cubic(3.0), ["Ni", "Al"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     copy = _structure(Lattice.cubic(3.05), ["Ni", "Al"], [[0, 0, 0], [0.5, 0.52, 0.5]])
     cases = _candidates(copy)
     rows = {to_row(s)["structure_id"]: to_row(s) for s, _, _ in cases}
     todo = [{"iteration": 1, "structure_id": to_row(s)["structure_id"], "target": t} for s, t, _ in cases]
     preds = {sid: {"k_vrh": 100.0, "k_vrh_std": 4.0} for sid in rows}
-    decided = verdicts(todo, rows, preds, [to_row(known)], tolerance=0.3, model_id="cgcnn-x")
+    decided = gnn_verdicts(todo, rows, preds, [to_row(known)], tolerance=0.3, model_id="cgcnn-x")
     assert [o for _, o in decided] == [o for _, _, o in cases]
     by_outcome = {o: u for u, o in decided}
     assert by_outcome["passed"]["status"] == "gnn_pass" and by_outcome["passed"]["gnn_verdict"] == "pass"
@@ -106,9 +106,9 @@ def test_verdicts_order_of_checks() -> None:
 
 @pytest.mark.slow
 def test_screen_gnn_end_to_end_and_rerun(lake, shared_data: Path, tmp_path: Path, prefect_server) -> None:
+    from flows.screen import screen_gnn
     from storage.candidates import current
     from storage.ingest import ingest
-    from tasks.gnn_screen import screen_gnn
 
     records = json.loads(gzip.decompress((shared_data / "mp-binary-elasticity-2025.1-train.json.gz").read_bytes()))
     subset = tmp_path / "seed.json.gz"

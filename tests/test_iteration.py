@@ -8,7 +8,7 @@ from pymatgen.core import Lattice, Structure
 
 import tasks.generate
 from core.structures import to_row
-from tasks.iteration import latent_snapshot
+from tasks.generate import latent_snapshot
 
 
 class _NoEncoder:
@@ -79,7 +79,7 @@ def test_no_candidates_loads_no_model(lake, monkeypatch):
 
 def test_iteration_rows_carry_the_funnel_mapes_and_the_generation_statistics(lake):
     """Labels within 20 %, FAM MAPE with failures as 100 %, stage-II survival and the generations row's MAPEs."""
-    from tasks.iteration import iteration_metrics
+    from storage.iterations import iteration_metrics
 
     def cand(sid, **fields):
         return {"iteration": 0, "structure_id": sid, "target": 300.0, "gnn_verdict": "pass", **fields}

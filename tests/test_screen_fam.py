@@ -93,10 +93,10 @@ def test_fam_batch_is_cached_on_structure_model_and_settings(lake, tmp_path: Pat
     from prefect import flow
 
     from tasks.common import in_lake
-    from tasks.fam import _structure_cols, fam_batch
+    from tasks.fam import fam_batch, structure_input
 
     model = str(build_tiny_mace(tmp_path / "tiny.model"))
-    rows = [_structure_cols(to_row(from_atoms(bulk("Cu", "fcc", a=3.6))))]
+    rows = [structure_input(to_row(from_atoms(bulk("Cu", "fcc", a=3.6))))]
     settings = FamSettings(steps=40)
 
     @flow

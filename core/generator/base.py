@@ -10,16 +10,15 @@ a checkpoint. The flows only call these, so a new generator plugs in by register
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, overload
 
 import numpy as np
 from pymatgen.core import Structure
 
-from core.metrics import sample_problem
-from core.structures import structure_id
+from core.structures import structure_id, validity_problem
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ def keep_best(
     """Per target, the ``n_kept`` valid, distinct structures whose score is closest (relatively) to the target.
 
     Samples are ranked by |score - target| / target and taken from the top while skipping invalid
-    structures (``batch.problems``, else ``core.metrics.sample_problem``) and duplicates (same
+    structures (``batch.problems``, else ``core.structures.validity_problem``) and duplicates (same
     ``structure_id``). A target may get fewer than ``n_kept`` if too few samples are valid and
     distinct. ``with_index`` also returns the kept samples' indices in ``batch``.
     """
@@ -136,7 +135,7 @@ def keep_best(
         seen: set[str] = set()
         for i in idx[np.argsort(err, kind="stable")]:
             s = batch.structures[i]
-            if (batch.problems[i] if batch.problems is not None else sample_problem(s)) is not None:
+            if (batch.problems[i] if batch.problems is not None else validity_problem(s)) is not None:
                 continue
             sid = structure_id(s)
             if sid in seen:
@@ -149,10 +148,38 @@ def keep_best(
     return (kept, np.asarray(keep, dtype=int)) if with_index else kept
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One generate step: every sample drawn, the kept ones, and the scores that chose them."""
+
+    samples: SampleBatch
+    """All samples, scored by the generator's own property head."""
+    kept_index: np.ndarray
+    """Indices of the kept samples in ``samples``."""
+    ranked_by: np.ndarray
+    """The scores keep-best ranked on (the head's, or a ranker's), one per sample."""
+
+    @property
+    def kept(self) -> SampleBatch:
+        """The kept samples, with the head's scores."""
+        return self.samples.take(self.kept_index)
+
+
 def generate(
-    generator: Generator, targets: Sequence[float], n_kept: int, samples_per_kept: int, seed: int
-) -> SampleBatch:
-    """Sample ``n_kept * samples_per_kept`` structures per target and keep the best ``n_kept`` (the 1/N rule)."""
+    generator: Generator,
+    targets: Sequence[float],
+    n_kept: int,
+    samples_per_kept: int,
+    seed: int,
+    rank: Callable[[list[Structure]], np.ndarray] | None = None,
+) -> Generation:
+    """Sample ``n_kept * samples_per_kept`` structures per target and keep the best ``n_kept`` (the 1/N rule).
+
+    ``rank`` scores the samples for keep-best (K in GPa per structure); None ranks by the generator's head.
+    """
     if samples_per_kept < 1:
         raise ValueError("samples_per_kept must be at least 1")
-    return keep_best(generator.sample(targets, n_kept * samples_per_kept, seed), n_kept)
+    samples = generator.sample(targets, n_kept * samples_per_kept, seed)
+    ranking = samples if rank is None else replace(samples, scores=np.asarray(rank(samples.structures), dtype=float))
+    _, index = keep_best(ranking, n_kept, with_index=True)
+    return Generation(samples, index, ranking.scores)

@@ -84,7 +84,7 @@ class CDVAEConfig(BaseModel):
         "of a nearby training crystal with the decoded composition (core.generator.templates)",
     )
     template_neighbours: int = Field(
-        8, ge=1, description="template decoder: draw the template among this many nearest compatible ones in z"
+        2, ge=1, description="template decoder: draw the template among this many nearest compatible ones in z"
     )
 
     SAMPLING: ClassVar[frozenset[str]] = frozenset(

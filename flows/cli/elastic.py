@@ -205,9 +205,10 @@ def seed(
     for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
         typer.echo(f"  dropped {n:4d}: {reason}")
     if load:
+        from storage.ingest import seed_rows
         from storage.lake import Lake
 
         lake = Lake()
-        tables = seedlib.lake_rows(path)
+        tables = seed_rows(path)
         for table in ("structures", "properties"):
             typer.echo(f"{table}: {lake.append(table, tables[table])} rows appended to {lake.url}")

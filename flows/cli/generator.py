@@ -95,7 +95,7 @@ def generate_cmd(
     out.mkdir(parents=True, exist_ok=True)
     rows, frames, summary = [], [], []
     for t in target:
-        kept = generate(generator, [t], n, samples_per_kept, derive_seed(seed, t))
+        kept = generate(generator, [t], n, samples_per_kept, derive_seed(seed, t)).kept
         for i, (s, score) in enumerate(zip(kept.structures, kept.scores, strict=True)):
             name = f"k{t:g}_{i:04d}_{s.composition.reduced_formula}"
             CifWriter(s).write_file(out / f"{name}.cif")

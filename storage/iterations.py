@@ -1,10 +1,8 @@
-"""Recording an iteration: funnel counts, MAPE, DFT K statistics, generation quality, latents."""
+"""The ``iterations`` rows of one iteration, per target: funnel counts, MAPEs, DFT K statistics, generation quality."""
 
 from __future__ import annotations
 
 import json
-
-import numpy as np
 
 from core.metrics import generation_metrics
 from core.structures import from_row
@@ -57,36 +55,3 @@ def iteration_metrics(
             }
         )
     return rows
-
-
-def latent_snapshot(
-    lake: Lake, iteration: int, max_reference: int = 600
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(latents, is_new, K) of training structures and this iteration's candidates, for the t-SNE map.
-
-    The candidates are drawn with their best-known K (DFT, else FAM, else the stage-I CGCNN), so the
-    map is there from the first iteration, labeled or not. None when the generator has no latent
-    space or the iteration has no candidates yet.
-    """
-    from tasks.generate import load_registered_generator
-
-    found = lake.query(
-        "SELECT s.*, coalesce(c.dft_k, c.fam_k, c.gnn_k) AS k_vrh FROM candidates c JOIN structures s "
-        "USING (structure_id) WHERE c.iteration = ? AND coalesce(c.dft_k, c.fam_k, c.gnn_k) IS NOT NULL "
-        "ORDER BY c.dft_k IS NULL, c.fam_k IS NULL, structure_id",
-        [iteration],
-    ).to_pylist()
-    new = list({r["structure_id"]: r for r in reversed(found)}.values())  # one point per structure, best K kept
-    if not new:  # checked first: nothing to highlight, so no model load and no training-set read
-        return None
-    try:
-        _, generator = load_registered_generator(lake.url)
-    except ModelNotFoundError:
-        return None
-    rows = labeled_k_vrh(lake, split="train").to_pylist()[:max_reference] + new
-    try:
-        z = generator.latents([from_row(r) for r in rows])
-    except NotImplementedError:  # a generator without an encoder has no map to draw
-        return None
-    is_new = np.array([False] * (len(rows) - len(new)) + [True] * len(new))
-    return z, is_new, np.array([r["k_vrh"] for r in rows], dtype=float)

@@ -1,0 +1,34 @@
+"""Stage I's unit of work: the CGCNN ensemble's K_vrh for a batch of lake structures, cached.
+
+Cached on the model id and the structure ids (which name the structures' content), so a rerun after a crash
+predicts nothing twice. The stage's orchestration is in ``flows/screen.py``, its decisions in
+``core/screening.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage.lake import Lake
+from storage.queries import structure_rows
+from tasks.common import compute_task
+from tasks.train import load_predictor
+
+
+@compute_task(name="cgcnn-predict", retries=0)
+def predict_k(lake_url: str, model_id: str, structure_ids: list[str]) -> list[dict[str, Any]]:
+    """Ensemble K_vrh (GPa) with its spread, and member values, for structures in the lake."""
+    _, ensemble = load_predictor(Lake(lake_url), model_id)
+    rows = structure_rows(Lake(lake_url), structure_ids)
+    pred = ensemble.predict_rows(rows)
+    return [
+        {
+            "structure_id": sid,
+            "k_vrh": float(pred.k_vrh[i]),
+            "k_vrh_std": float(pred.k_vrh_std[i]),
+            "log10_k": float(pred.log10_k[i]),
+            "log10_k_std": float(pred.log10_k_std[i]),
+            "members_gpa": [float(10.0**v) for v in pred.members_log10[:, i]],
+        }
+        for i, sid in enumerate(structure_ids)
+    ]
