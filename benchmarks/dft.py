@@ -23,7 +23,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from ase.build import bulk
 
-from core.dft import preset, resolve, run_point, run_relax
+from core.dft import PRESETS, resolve, run_point, run_relax
 from core.elastic import ElasticSettings, deformations, fit
 from core.structures import from_atoms, split_of, to_row
 from flows.label import LabelParams, label
@@ -37,7 +37,7 @@ CELLS = {"W": ("bcc", 3.172, 305.6), "Ir": ("fcc", 3.875, 348.5)}
 def raw(atoms, preset_name: str) -> tuple[float, float | None, float]:
     """K_vrh, EOS K and wall time of the calculation without the platform."""
     start = time.perf_counter()
-    settings = resolve(preset(preset_name), atoms)
+    settings = resolve(PRESETS.resolve(preset_name), atoms)
     relaxed, _, _ = run_relax(atoms, settings)
     settings = resolve(settings.model_copy(update={"kpts": None}), relaxed)
     es = ElasticSettings()

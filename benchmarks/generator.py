@@ -54,10 +54,10 @@ from pymatgen.core import Structure
 from scipy.stats import spearmanr
 
 import core.fam as fam
+from core.cgcnn import PRESETS as CGCNN_PRESETS
 from core.cgcnn import Ensemble, train_ensemble
-from core.cgcnn import get_config as cgcnn_config
 from core.dedup import find_duplicates
-from core.generator import CDVAEGenerator, Generator, get_config, keep_best, load_generator
+from core.generator import PRESETS, CDVAEGenerator, Generator, keep_best, load_generator
 from core.graphs import graph_of_row
 from core.metrics import generation_metrics, mape
 from core.structures import excluded_reason, from_row, split_of, structure_id, to_atoms, to_row
@@ -136,7 +136,7 @@ def grader_ensemble(path: Path | None, out: Path, data: dict[str, tuple[list[Str
     cached = out / "cgcnn-grader.pt"
     if path or cached.exists():
         return Ensemble.load(path or cached)
-    config = cgcnn_config("default")
+    config = CGCNN_PRESETS.resolve("default")
 
     def graphs(split: str) -> tuple[list, np.ndarray]:
         structures, k = data[split]
@@ -302,7 +302,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sampling = parse_sampling(args.sampling)
 
-    data = reference_data(args.shared, get_config("small").max_atoms)
+    data = reference_data(args.shared, PRESETS["small"].max_atoms)
     train = data["train"][0]
     print("reference structures by split:", {k: len(v[0]) for k, v in data.items()})
     grader = Grader(grader_ensemble(args.cgcnn, args.out, data), args.fam_model)
@@ -316,7 +316,7 @@ def main() -> None:
             if args.checkpoint:
                 generator = load_generator(args.checkpoint, device=args.device)
             else:
-                config = get_config(preset)
+                config = PRESETS[preset]
                 generator = CDVAEGenerator(config.model_copy(update={"seed": config.seed + k}), device=args.device)
                 t0 = time.perf_counter()
                 generator.train(*data["train"], progress=False)

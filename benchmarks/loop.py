@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from generator import SHARED, grader_ensemble, reference_data
 
-from core.generator import get_config
+from core.generator import PRESETS
 from flows.active_learning import LoopParams, active_learning
 from storage import Lake
 from storage.ingest import ingest
@@ -183,9 +183,9 @@ def main() -> None:
         args.weight = LoopParams.model_fields["new_label_weight"].default
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    get_config(args.preset)  # an unknown preset fails before anything runs
+    PRESETS[args.preset]  # an unknown preset fails before anything runs
 
-    data = reference_data(SHARED, get_config(args.preset).max_atoms)
+    data = reference_data(SHARED, PRESETS[args.preset].max_atoms)
     grader_ensemble(None, args.out, data)  # trains and saves the frozen grader once
     grader = args.out / "cgcnn-grader.pt"
     arms = [True, False] if args.compare else [not args.no_feedback]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import torch
 
-from core.cgcnn import code_hash, get_config, mae_metrics
+from core.cgcnn import PRESETS, code_hash, mae_metrics
 from core.dedup import find_duplicates
 from core.structures import from_row
 from storage import Lake
@@ -79,7 +79,7 @@ def main() -> None:
     os.environ.setdefault("MATLOOP_CACHE_DIR", str(args.lake.parent / "cache"))
 
     lake = seeded_lake(args.lake)
-    config = get_config(args.config)
+    config = PRESETS.resolve(args.config)
     snapshot = labeled_snapshot(lake.url)
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     print(

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pymatgen.core import Structure
 
-from core.cgcnn import Ensemble, get_config
+from core.cgcnn import PRESETS, Ensemble
 from core.dedup import find_duplicates
 from core.graphs import GraphCache
 from core.structures import excluded_reason, structure_id, to_row
@@ -89,7 +89,7 @@ def main() -> None:
     rows = [to_row(s) for s in batch]  # generate writes these rows; not timed
     known = [(structure_id(s), s) for s in refs]
 
-    config = get_config("default", {"device": "cpu"})
+    config = PRESETS.resolve("default", {"device": "cpu"})
     ensemble = Ensemble.untrained(config)
     t0 = time.perf_counter()
     cache = GraphCache(config.graph)

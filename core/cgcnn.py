@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch_geometric.nn import CGConv, global_mean_pool
 from tqdm import tqdm
@@ -37,13 +37,14 @@ from tqdm import tqdm
 from core import graphs as graphs_module
 from core.device import resolve_device
 from core.graphs import CrystalGraph, GraphBatch, GraphConfig, atom_feature_table, collate
+from core.presets import Presets
 from core.provenance import settings_hash
 
 CHECKPOINT_FORMAT = "matloop-cgcnn/1"
 
 
 class CGCNNConfig(BaseModel):
-    """Architecture and training settings of a CGCNN ensemble (``CONFIGS`` holds the named ones)."""
+    """Architecture and training settings of a CGCNN ensemble (``PRESETS`` holds the named ones)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -72,44 +73,27 @@ class CGCNNConfig(BaseModel):
         return {k: dumped[k] for k in self.ARCHITECTURE}
 
 
-CONFIGS: dict[str, CGCNNConfig] = {
-    "default": CGCNNConfig(),
-    "small": CGCNNConfig(
-        graph=GraphConfig(cutoff=6.0, max_neighbors=8, gaussian_step=0.5),
-        atom_hidden=16,
-        n_conv=2,
-        fc_hidden=32,
-        n_models=2,
-        max_epochs=30,
-        patience=10,
-        batch_size=32,
-    ),
-}
+PRESETS: Presets[CGCNNConfig] = Presets(
+    "CGCNN config",
+    {
+        "default": CGCNNConfig(),
+        "small": CGCNNConfig(
+            graph=GraphConfig(cutoff=6.0, max_neighbors=8, gaussian_step=0.5),
+            atom_hidden=16,
+            n_conv=2,
+            fc_hidden=32,
+            n_models=2,
+            max_epochs=30,
+            patience=10,
+            batch_size=32,
+        ),
+    },
+)
 """Named configs: ``default`` for production and the benchmark, ``small`` for tests and demos."""
 
 
-ConfigName = Literal[tuple(CONFIGS)]  # type: ignore[valid-type]
+ConfigName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 """The named CGCNN configs, as a type: a form shows them as choices."""
-
-
-def get_config(name: str = "default", overrides: Mapping[str, Any] | None = None) -> CGCNNConfig:
-    """A named config with field overrides (nested ``graph`` overrides merge); unknown names fail clearly."""
-    try:
-        base = CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown CGCNN config {name!r}; named configs: {', '.join(CONFIGS)}") from None
-    if not overrides:
-        return base
-    merged = base.model_dump()
-    for key, value in overrides.items():
-        if key == "graph" and isinstance(value, Mapping):
-            merged["graph"] = {**merged["graph"], **value}
-        else:
-            merged[key] = value
-    try:
-        return CGCNNConfig.model_validate(merged)
-    except ValidationError as err:
-        raise ValueError(f"invalid CGCNN config overrides {dict(overrides)}: {err}") from None
 
 
 def code_hash() -> str:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.elastic import ElasticSettings, evaluate
 from core.failures import DftFailure, FailureClass, as_failure, classify_text
+from core.presets import Presets
 from core.provenance import settings_hash
 
 Code = Literal["gpaw", "vasp", "qe", "emt"]
@@ -100,72 +101,66 @@ class DftSettings(BaseModel):
         return f"dft:{self.code}/{self.physics_hash()}"
 
 
-PRESETS: dict[str, DftSettings] = {
-    # GPAW, loose: a 1-2 atom metallic cell labels (relax + symmetry-reduced strains + EOS) in about a minute.
-    "test": DftSettings(
-        code="gpaw",
-        ecut=300.0,
-        kspacing=0.6,
-        smearing="fermi-dirac",
-        smearing_width=0.2,
-        scf_tol=1e-4,
-        force_tol=0.05,
-        max_scf_steps=60,
-        relax_steps=40,
-    ),
-    # GPAW, tighter: K within a few % of converged PBE for bcc W / fcc Ir at minutes per structure on 2 cores.
-    "gpaw-tight": DftSettings(
-        code="gpaw",
-        ecut=450.0,
-        kspacing=0.3,
-        smearing="fermi-dirac",
-        smearing_width=0.1,
-        scf_tol=1e-5,
-        force_tol=0.02,
-        max_scf_steps=100,
-        relax_steps=100,
-    ),
-    # Production (HPC): PBE, 700 eV, k-spacing 0.1 1/Å, ediff 1e-5 eV, forces 0.01 eV/Å.
-    "vasp": DftSettings(
-        code="vasp",
-        ecut=700.0,
-        kspacing=0.1,
-        smearing="methfessel-paxton",
-        smearing_width=0.1,
-        scf_tol=1e-5,
-        force_tol=0.01,
-        max_scf_steps=120,
-        mixing_beta=0.4,
-        pseudopotentials="recommended",
-    ),
-    "qe": DftSettings(
-        code="qe",
-        ecut=700.0,
-        kspacing=0.1,
-        smearing="marzari-vanderbilt",
-        smearing_width=0.1,
-        scf_tol=1e-5,
-        force_tol=0.01,
-        max_scf_steps=120,
-        mixing_beta=0.4,
-        pseudopotentials="{symbol}.pbe-spn-kjpaw_psl.1.0.0.UPF",
-    ),
-    # Not DFT: ASE's EMT (Al Cu Ag Au Ni Pd Pt) through the same code path, for smoke tests and benchmarks.
-    "emt": DftSettings(code="emt", ecut=1.0, kspacing=1.0, scf_tol=1e-5, force_tol=0.02, relax_steps=100),
-}
+PRESETS: Presets[DftSettings] = Presets(
+    "DFT preset",
+    {
+        # GPAW, loose: a 1-2 atom metallic cell labels (relax + symmetry-reduced strains + EOS) in about a minute.
+        "test": DftSettings(
+            code="gpaw",
+            ecut=300.0,
+            kspacing=0.6,
+            smearing="fermi-dirac",
+            smearing_width=0.2,
+            scf_tol=1e-4,
+            force_tol=0.05,
+            max_scf_steps=60,
+            relax_steps=40,
+        ),
+        # GPAW, tighter: K within a few % of converged PBE for bcc W / fcc Ir at minutes per structure on 2 cores.
+        "gpaw-tight": DftSettings(
+            code="gpaw",
+            ecut=450.0,
+            kspacing=0.3,
+            smearing="fermi-dirac",
+            smearing_width=0.1,
+            scf_tol=1e-5,
+            force_tol=0.02,
+            max_scf_steps=100,
+            relax_steps=100,
+        ),
+        # Production (HPC): PBE, 700 eV, k-spacing 0.1 1/Å, ediff 1e-5 eV, forces 0.01 eV/Å.
+        "vasp": DftSettings(
+            code="vasp",
+            ecut=700.0,
+            kspacing=0.1,
+            smearing="methfessel-paxton",
+            smearing_width=0.1,
+            scf_tol=1e-5,
+            force_tol=0.01,
+            max_scf_steps=120,
+            mixing_beta=0.4,
+            pseudopotentials="recommended",
+        ),
+        "qe": DftSettings(
+            code="qe",
+            ecut=700.0,
+            kspacing=0.1,
+            smearing="marzari-vanderbilt",
+            smearing_width=0.1,
+            scf_tol=1e-5,
+            force_tol=0.01,
+            max_scf_steps=120,
+            mixing_beta=0.4,
+            pseudopotentials="{symbol}.pbe-spn-kjpaw_psl.1.0.0.UPF",
+        ),
+        # Not DFT: ASE's EMT (Al Cu Ag Au Ni Pd Pt) through the same code path, for smoke tests and benchmarks.
+        "emt": DftSettings(code="emt", ecut=1.0, kspacing=1.0, scf_tol=1e-5, force_tol=0.02, relax_steps=100),
+    },
+)
 
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 """The named DFT presets, as a type: a form shows them as choices."""
-
-
-def preset(name: str, **overrides: Any) -> DftSettings:
-    """A named preset with field overrides (validated). Raises KeyError naming the presets."""
-    try:
-        base = PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown DFT preset {name!r}; presets: {', '.join(PRESETS)}") from None
-    return DftSettings.model_validate({**base.model_dump(), **overrides})
 
 
 # ---------- k-points ----------
@@ -275,7 +270,7 @@ def dft_calculator(
     inputs and outputs); it is required for VASP and QE.
     """
     s = (
-        preset(settings, **overrides)
+        PRESETS.resolve(settings, overrides)
         if isinstance(settings, str)
         else (DftSettings.model_validate({**settings.model_dump(), **overrides}) if overrides else settings)
     )

@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.dft import DftSettings, preset, resolve
+from core.dft import PRESETS, DftSettings, resolve
 from core.dft import PresetName as DftPreset
 from core.elastic import ElasticSettings, deformations, fit
 from core.failures import FaultInjection
@@ -82,7 +82,7 @@ class LabelParams(BaseModel):
         return self
 
     def settings(self) -> DftSettings:
-        return preset(self.preset, **self.overrides)
+        return PRESETS.resolve(self.preset, self.overrides)
 
 
 @flow(name="label-dft", log_prints=True)

@@ -14,8 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.cgcnn import PRESETS as PREDICTOR_PRESETS
 from core.cgcnn import ConfigName as CGCNNConfigName
-from core.cgcnn import code_hash, get_config
+from core.cgcnn import code_hash
 from core.generator.configs import PresetName as GeneratorPreset
 from flows.locking import stage_lock
 from storage import Lake
@@ -36,7 +37,7 @@ class TrainParams(BaseModel):
     what: list[What] = ["predictor"]
     """Models to train: "predictor" (CGCNN ensemble), "generator" (the conditional generator)."""
     predictor_config: CGCNNConfigName = "default"
-    """Named CGCNN config (core.cgcnn.CONFIGS): default, small."""
+    """Named CGCNN config (core.cgcnn.PRESETS): default, small."""
     predictor_overrides: dict[str, Any] = {}
     """Field overrides on the named config, e.g. {"n_models": 2, "graph": {"cutoff": 6.0}}."""
     generator_config: GeneratorPreset = "small"
@@ -107,7 +108,7 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
         trained: dict[str, str] = {}
         if "predictor" in params.what:
             seed = {} if params.model_seed is None else {"seed": params.model_seed}
-            config = get_config(params.predictor_config, {**params.predictor_overrides, **seed})
+            config = PREDICTOR_PRESETS.resolve(params.predictor_config, {**params.predictor_overrides, **seed})
             snapshot = labeled_snapshot(lake_url)
             logger.info(
                 "predictor: %d labeled structures (data hash %s), config %s",

@@ -25,7 +25,7 @@ from prefect.cache_policies import CachePolicy
 from pymatgen.core import Structure
 
 from core.device import device_label
-from core.generator import CDVAEConfig, CDVAEGenerator, get_config, load_generator
+from core.generator import PRESETS, CDVAEConfig, CDVAEGenerator, load_generator
 from core.provenance import settings_hash
 from core.structures import from_row
 from storage.lake import Lake
@@ -90,7 +90,7 @@ def _data_and_code_key(_context: Any, inputs: dict[str, Any]) -> str:
 
 
 def _config(config_name: str, model_seed: int | None) -> CDVAEConfig:
-    config = get_config(config_name)
+    config = PRESETS.resolve(config_name)
     return config if model_seed is None else config.model_copy(update={"seed": model_seed})
 
 

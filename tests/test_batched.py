@@ -183,7 +183,7 @@ def test_chunks_keep_calls_small() -> None:
 def test_device_setting_reaches_every_model(tiny, monkeypatch, tmp_path: Path) -> None:
     from core.cgcnn import CGCNN, CGCNNConfig, Ensemble
     from core.generator import CDVAEGenerator
-    from core.generator.configs import get_config
+    from core.generator.configs import PRESETS
 
     monkeypatch.setenv("MATLOOP_DEVICE", "cpu")
     assert resolve_device() == torch.device("cpu") and resolve_device("auto") == torch.device("cpu")
@@ -193,7 +193,7 @@ def test_device_setting_reaches_every_model(tiny, monkeypatch, tmp_path: Path) -
     config = CGCNNConfig(n_models=1)
     ensemble = Ensemble(config, [CGCNN(config)])
     assert ensemble.device.type == "cpu" and next(ensemble.members[0].parameters()).device.type == "cpu"
-    assert CDVAEGenerator(get_config("small")).device.type == "cpu"
+    assert CDVAEGenerator(PRESETS["small"]).device.type == "cpu"
     assert device_label("cpu") == "cpu"
     monkeypatch.setenv("MATLOOP_DEVICE", "cuda:3")
     if not torch.cuda.is_available():

@@ -11,12 +11,12 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from core.cgcnn import CheckpointError, Ensemble, Prediction, get_config, train_member
+from core.cgcnn import PRESETS, CheckpointError, Ensemble, Prediction, train_member
 from core.graphs import GraphCache, GraphConfig, atom_feature_table, build_graph, collate
 from core.structures import to_row
 
 torch.set_num_threads(1)
-SMALL = get_config("small")
+SMALL = PRESETS.resolve("small")
 
 
 def _bcc_w() -> Structure:
@@ -79,13 +79,13 @@ def test_graph_cache_roundtrip(tmp_path: Path) -> None:
 
 
 def test_config_names_and_overrides() -> None:
-    assert get_config("default").n_models == 4
-    cfg = get_config("small", {"n_models": 3, "graph": {"cutoff": 5.0}})
+    assert PRESETS.resolve("default").n_models == 4
+    cfg = PRESETS.resolve("small", {"n_models": 3, "graph": {"cutoff": 5.0}})
     assert (cfg.n_models, cfg.graph.cutoff, cfg.graph.max_neighbors) == (3, 5.0, SMALL.graph.max_neighbors)
     with pytest.raises(ValueError, match="unknown CGCNN config"):
-        get_config("huge")
+        PRESETS.resolve("huge")
     with pytest.raises(ValueError, match="n_modles"):
-        get_config("small", {"n_modles": 3})
+        PRESETS.resolve("small", {"n_modles": 3})
 
 
 def test_prediction_mean_and_spread() -> None:
@@ -105,7 +105,7 @@ def test_checkpoint_roundtrip_and_config_mismatch(tmp_path: Path) -> None:
     assert np.allclose(loaded.predict_rows(rows).members_log10, before)
     assert before.shape == (SMALL.n_models, 1) and not np.allclose(before[0], before[1])  # members differ
 
-    other = get_config("small", {"atom_hidden": 24})
+    other = PRESETS.resolve("small", {"atom_hidden": 24})
     with pytest.raises(CheckpointError, match="atom_hidden: checkpoint 16 vs expected 24"):
         Ensemble.load(path, expected=other)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
@@ -165,7 +165,7 @@ def test_train_flow_registers_caches_and_plots(
     assert 0 < record.metrics["test"]["ensemble"]["mae_log10"] < 1.0
     assert len(record.metrics["test"]["members"]) == 2 and record.metrics["device"] == "cpu"
     assert (Path(lake.path("figures")) / f"parity-{model_id}.png").stat().st_size > 1000
-    assert Ensemble.load(checkpoint_path(lake, record), expected=get_config("small")).config.n_models == 2
+    assert Ensemble.load(checkpoint_path(lake, record), expected=PRESETS.resolve("small")).config.n_models == 2
     artifact = Artifact.get("predictor-metrics")
     assert artifact is not None and model_id in str(artifact.data) and "mae_log10" in str(artifact.data)
 

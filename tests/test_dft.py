@@ -18,7 +18,6 @@ from core.dft import (
     dft_calculator,
     escalate,
     kpoint_mesh,
-    preset,
     resolve,
     run_point,
 )
@@ -44,13 +43,13 @@ def test_production_presets_are_pbe_700ev_dense_k_tight_convergence():
 
 
 def test_preset_overrides_are_validated_and_unknown_names_are_clear():
-    assert preset("test", ecut=400).ecut == 400
+    assert PRESETS.resolve("test", {"ecut": 400}).ecut == 400
     with pytest.raises(KeyError, match="presets: test"):
-        preset("nope")
+        PRESETS.resolve("nope")
     with pytest.raises(ValueError):
-        preset("test", ecut=-1)
+        PRESETS.resolve("test", {"ecut": -1})
     with pytest.raises(ValueError):
-        preset("test", not_a_field=1)
+        PRESETS.resolve("test", {"not_a_field": 1})
 
 
 def test_method_hash_covers_physics_only():
@@ -125,7 +124,7 @@ def test_classify_exceptions_and_transience():
     killed = subprocess.CalledProcessError(-9, ["vasp_std"])
     assert classify_exception(killed) is FailureClass.NODE_LOST
     assert classify_exception(ValueError("unknown element Xx")) is FailureClass.BAD_INPUT
-    assert [is_transient(c) for c in FailureClass] == [True, True, True, True, False]
+    assert [is_transient(c) for c in FailureClass] == [True, True, True, True, False, False, False, False]
     exc = DftFailure(FailureClass.WALLTIME, "x", injected=True)
     import pickle
 
@@ -186,7 +185,7 @@ def test_qe_input_round_trips_and_converts_units(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_gpaw_point_is_classified_when_scf_cannot_converge():
     atoms = bulk("W", "bcc", a=3.17)
-    s = resolve(preset("test", max_scf_steps=2), atoms)
+    s = resolve(PRESETS.resolve("test", {"max_scf_steps": 2}), atoms)
     with pytest.raises(DftFailure) as info:
         run_point(atoms, s, ElasticSettings())
     assert info.value.failure is FailureClass.SCF_UNCONVERGED and info.value.transient

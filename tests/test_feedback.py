@@ -12,7 +12,7 @@ from test_generate_flow import registered, seeded_lake  # noqa: F401  (fixtures)
 from test_generator import TINY, metallic_records
 
 from core.cgcnn import CGCNN, train_member
-from core.cgcnn import get_config as cgcnn_config
+from core.cgcnn import PRESETS as CGCNN_PRESETS
 from core.generator import CDVAEGenerator, load_generator
 from core.graphs import graph_of_row
 from core.structures import from_row, split_of, structure_id, to_row
@@ -59,7 +59,7 @@ def test_generator_finetune_starts_from_the_trained_model(registered):  # noqa: 
 
 
 def test_cgcnn_warm_start_starts_from_the_parent_member(shared_data):
-    config = cgcnn_config("small", {"device": "cpu", "finetune_epochs": 1, "finetune_lr_scale": 1e-6})
+    config = CGCNN_PRESETS.resolve("small", {"device": "cpu", "finetune_epochs": 1, "finetune_lr_scale": 1e-6})
     records = metallic_records(shared_data, 40)
     graphs = [graph_of_row(to_row(Structure.from_dict(r["structure"])), config.graph) for r in records]
     y = np.log10([r["bulk_modulus_vrh"] for r in records])

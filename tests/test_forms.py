@@ -42,12 +42,12 @@ def test_the_loop_form_shows_the_seven_default_targets() -> None:
 
 
 def test_named_configs_and_presets_are_choices() -> None:
-    from core.cgcnn import CONFIGS
+    from core.cgcnn import PRESETS as CGCNN_PRESETS
     from core.dft import PRESETS as DFT_PRESETS
     from core.generator.configs import PRESETS as GENERATOR_PRESETS
 
     loop = parameter_schema(active_learning.fn).model_dump_for_openapi()["definitions"]["LoopParams"]["properties"]
-    assert loop["predictor_config"]["enum"] == ["size", *CONFIGS]
+    assert loop["predictor_config"]["enum"] == ["size", *CGCNN_PRESETS]
     assert loop["generator_config"]["enum"] == ["size", *GENERATOR_PRESETS]
     assert loop["dft_preset"]["enum"] == list(DFT_PRESETS)
 

@@ -113,8 +113,8 @@ def test_train_generator_registers_and_is_cached(seeded_lake, prefect_server):
 
 def test_keep_best_follows_the_configured_ranker(registered, prefect_server, tmp_path):
     """With a CGCNN ranker the kept candidates are the best by that model, not by the generator's head."""
+    from core.cgcnn import PRESETS as CGCNN_PRESETS
     from core.cgcnn import Ensemble
-    from core.cgcnn import get_config as cgcnn_config
     from core.generator import SampleBatch, keep_best, load_generator
     from core.metrics import mape
     from core.structures import structure_id, to_row
@@ -122,7 +122,7 @@ def test_keep_best_follows_the_configured_ranker(registered, prefect_server, tmp
     from tasks.generate import derive_seed
 
     lake, model_id = registered
-    ranker = Ensemble.untrained(cgcnn_config("small", {"device": "cpu"})).save(tmp_path / "ranker.pt")
+    ranker = Ensemble.untrained(CGCNN_PRESETS.resolve("small", {"device": "cpu"})).save(tmp_path / "ranker.pt")
     params = GenerateParams(
         lake_url=lake.url, iteration=2, targets=[300.0], samples_per_kept=6, n_kept=3, ranker=str(ranker)
     )

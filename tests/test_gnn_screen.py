@@ -11,7 +11,7 @@ import pytest
 import torch
 from pymatgen.core import Lattice, Structure
 
-from core.cgcnn import Ensemble, get_config
+from core.cgcnn import PRESETS, Ensemble
 from core.screening import gnn_verdicts
 from core.structures import split_of, to_row
 from storage.registry import (
@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 def _constant_model(tmp_path: Path, k_gpa: float) -> Path:
     """A small ensemble whose every prediction is k_gpa (to within 0.1 %): a fixed point for verdict tests."""
-    ensemble = Ensemble.untrained(get_config("small", {"device": "cpu"}))
+    ensemble = Ensemble.untrained(PRESETS.resolve("small", {"device": "cpu"}))
     for member in ensemble.members:
         member.target_mean.fill_(float(np.log10(k_gpa)))
         member.target_std.fill_(1e-4)
@@ -42,7 +42,7 @@ def _register(lake, tmp_path: Path, k_gpa: float = 100.0, data: tuple[str, ...] 
         checkpoint=_constant_model(tmp_path, k_gpa),
         data_snapshot=list(data),
         data_hash="h" + "".join(data),
-        config=get_config("small"),
+        config=PRESETS.resolve("small"),
         metrics={"test": 0.1},
     ).model_id
 
@@ -59,7 +59,7 @@ def test_registry_register_latest_resolve(lake, tmp_path: Path) -> None:
     assert record.config["n_models"] == 2 and record.settings_hash
     path = checkpoint_path(lake, record)
     assert path.is_file() and path.is_relative_to(Path(lake.root))
-    assert Ensemble.load(path, expected=get_config("small")).config.n_models == 2
+    assert Ensemble.load(path, expected=PRESETS.resolve("small")).config.n_models == 2
     assert _register(lake, tmp_path) == first  # same data and config: the same id, superseding its row
     with pytest.raises(ValueError, match="not generator"):
         resolve_model(lake, "generator", first)

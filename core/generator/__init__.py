@@ -8,7 +8,7 @@ import torch
 
 from core.generator.base import Generator, SampleBatch, generate, keep_best
 from core.generator.cdvae import CDVAEGenerator
-from core.generator.configs import PRESETS, CDVAEConfig, get_config
+from core.generator.configs import PRESETS, CDVAEConfig
 
 GENERATORS: dict[str, type[Generator]] = {CDVAEGenerator.name: CDVAEGenerator}
 """Generator classes by the ``generator`` name their checkpoints carry; add a new generator here."""
@@ -32,7 +32,6 @@ __all__ = [
     "Generator",
     "SampleBatch",
     "generate",
-    "get_config",
     "keep_best",
     "load_generator",
 ]

@@ -11,6 +11,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.presets import Presets
+
 
 class LossWeights(BaseModel):
     """Weights of the VAE loss terms (Con-CDVAE defaults) and the KL weight."""
@@ -105,36 +107,31 @@ class CDVAEConfig(BaseModel):
     """Fields that only change how a trained model samples: a trained model may be resampled with others."""
 
 
-PRESETS: dict[str, CDVAEConfig] = {
-    # a few minutes on 2 cores: the larger step trains faster; 200 VAE epochs, not 60, because the coordinate
-    # denoiser is what puts samples near a minimum (true-lattice decoding matched 44 % of training crystals
-    # after 60 epochs, 46 % after 200, 59 % with 3 corrector steps; P1 outputs 61 % -> 40 % -> 24 %)
-    "small": CDVAEConfig(name="small", lr=2e-3, vae_epochs=200),
-    "paper": CDVAEConfig(
-        name="paper",
-        hidden=256,
-        latent_dim=256,
-        encoder_layers=4,
-        denoiser_layers=6,
-        n_freq=32,
-        vae_epochs=600,
-        prior_epochs=500,
-        batch_size=256,
-        prior_hidden=512,
-        prior_layers=4,
-        prior_steps=200,
-        sample_batch=2048,
-    ),
-}
+PRESETS: Presets[CDVAEConfig] = Presets(
+    "generator preset",
+    {
+        # a few minutes on 2 cores: the larger step trains faster; 200 VAE epochs, not 60, because the coordinate
+        # denoiser is what puts samples near a minimum (true-lattice decoding matched 44 % of training crystals
+        # after 60 epochs, 46 % after 200, 59 % with 3 corrector steps; P1 outputs 61 % -> 40 % -> 24 %)
+        "small": CDVAEConfig(name="small", lr=2e-3, vae_epochs=200),
+        "paper": CDVAEConfig(
+            name="paper",
+            hidden=256,
+            latent_dim=256,
+            encoder_layers=4,
+            denoiser_layers=6,
+            n_freq=32,
+            vae_epochs=600,
+            prior_epochs=500,
+            batch_size=256,
+            prior_hidden=512,
+            prior_layers=4,
+            prior_steps=200,
+            sample_batch=2048,
+        ),
+    },
+)
 
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 """The named generator presets, as a type: a form shows them as choices."""
-
-
-def get_config(name: str) -> CDVAEConfig:
-    """The named preset; raises ValueError listing the presets for an unknown name."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown generator config {name!r}; presets: {', '.join(PRESETS)}") from None

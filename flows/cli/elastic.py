@@ -29,9 +29,9 @@ def _one_thread() -> None:
 def _calculator(fam: str, dft: str | None, atoms: Any) -> tuple[Any, str, dict[str, Any]]:
     """(ASE calculator, method string, relax options) for a FAM name or a DFT preset."""
     if dft:
-        from core.dft import dft_calculator, preset  # imported only when asked for: GPAW is heavy
+        from core.dft import PRESETS, dft_calculator  # imported only when asked for: GPAW is heavy
 
-        settings = preset(dft)
+        settings = PRESETS.resolve(dft)
         relax_options = {
             "fmax": settings.force_tol,
             "steps": settings.relax_steps,

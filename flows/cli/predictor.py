@@ -34,7 +34,7 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 @train_app.command("predictor")
 def train_predictor_cmd(
     config: Annotated[
-        str, typer.Option("--config", help="Named CGCNN config (core.cgcnn.CONFIGS: default, small).")
+        str, typer.Option("--config", help="Named CGCNN config (core.cgcnn.PRESETS: default, small).")
     ] = "default",
     set_: Annotated[
         list[str] | None,
@@ -44,12 +44,12 @@ def train_predictor_cmd(
 ) -> None:
     """Train the CGCNN ensemble on the lake's labeled data (cached: unchanged data and code return the same model)."""
     with heavy_imports():
-        from core.cgcnn import CONFIGS
+        from core.cgcnn import PRESETS
         from flows.train import TrainParams, metrics_table, train
         from storage import Lake
         from storage.registry import get_model
-    if config not in CONFIGS:
-        raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}", param_hint="--config")
+    if config not in PRESETS:
+        raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(PRESETS)}", param_hint="--config")
     lake = Lake()
     params = TrainParams(
         lake_url=lake.url, what=["predictor"], predictor_config=config, predictor_overrides=_parse_overrides(set_ or [])
