@@ -77,15 +77,18 @@ def loop_params(lake_url: str, args: argparse.Namespace) -> Any:
         iterations=args.iterations,
         n_kept=args.kept,
         samples_per_kept=args.ratio,
-        gnn_tolerance=5.0,
-        fam_tolerance=5.0,
         label_source="fam",
-        fam_model="sevennet-0",
-        fam_settings=FamSettings(ltol=0.6, stol=1.0, angle_tol=20.0),  # so a tiny generator's samples get labeled
         predictor_config="small",
         generator_config="small",
-        seed=args.seed,
-        model_seed=args.seed,
+        train={"model_seed": args.seed},
+        generate={"seed": args.seed},
+        screen={
+            "gnn_tolerance": 5.0,
+            "fam_tolerance": 5.0,
+            "fam_model": "sevennet-0",
+            # loose matching, so that a tiny generator's samples get labeled
+            "fam_settings": FamSettings(ltol=0.6, stol=1.0, angle_tol=20.0),
+        },
     )
 
 

@@ -46,6 +46,7 @@ from generator import SHARED, grader_ensemble, reference_data
 
 from core.generator import PRESETS
 from flows.active_learning import LoopParams, active_learning
+from flows.train import TrainSettings
 from storage import Lake
 from storage.ingest import ingest
 
@@ -113,15 +114,12 @@ def run_arm(args: argparse.Namespace, grader: Path, feedback: bool, seed: int) -
         n_kept=args.kept,
         samples_per_kept=args.ratio,
         label_source=args.labels,
-        feedback=feedback,
-        new_label_weight=args.weight,
-        grader=str(grader),
-        fam_model=args.fam_model,
         predictor_config=args.predictor,
         generator_config=args.preset,
-        dft_limit=args.dft_limit,
-        seed=seed,
-        model_seed=seed,
+        train={"feedback": feedback, "new_label_weight": args.weight, "model_seed": seed},
+        generate={"grader": str(grader), "seed": seed},
+        screen={"fam_model": args.fam_model},
+        label={"limit": args.dft_limit},
     )
     t0 = time.perf_counter()
     active_learning(params)
@@ -180,7 +178,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     args = parser.parse_args()
     if args.weight is None:
-        args.weight = LoopParams.model_fields["new_label_weight"].default
+        args.weight = TrainSettings.model_fields["new_label_weight"].default
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     PRESETS[args.preset]  # an unknown preset fails before anything runs

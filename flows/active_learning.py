@@ -28,18 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import plots
 from core.cgcnn import ConfigName as CGCNNConfigName
-from core.dft import PresetName as DftPreset
-from core.fam import FamSettings
 from core.generator.configs import PresetName as GeneratorPreset
 from core.sizes import DEFAULT_SIZE, SIZES, RunSize, SizeName, size_help
-from flows.generate import DEFAULT_TARGETS, GenerateParams, TargetK, Targets, generate
-from flows.label import LabelParams, label
+from flows.generate import DEFAULT_TARGETS, GenerateParams, GenerateSettings, TargetK, Targets, generate
+from flows.label import LabelParams, LabelSettings, label
 from flows.locking import loop_lock
-from flows.screen import FamName, ScreenParams, screen
-from flows.train import TrainParams, train
+from flows.screen import ScreenParams, ScreenSettings, screen
+from flows.train import TrainParams, TrainSettings, train
 from storage import Lake
 from storage.iterations import iteration_metrics
-from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
 from tasks.generate import latent_snapshot
 
 DEPLOYMENTS = {
@@ -56,7 +53,12 @@ SIZED_FIELDS = tuple(name for name in RunSize.model_fields if name != "cost")
 
 
 class LoopParams(BaseModel):
-    """Parameters of the active-learning loop (rendered as a form in the Prefect UI)."""
+    """Parameters of the active-learning loop (rendered as a form in the Prefect UI).
+
+    The loop's own fields (targets, run size and the cost knobs it sets, warm start, mode) come first; each
+    stage's settings are that stage's own model (``TrainSettings``, ``GenerateSettings``, ``ScreenSettings``,
+    ``LabelSettings``), the same fields the stage's form shows when it runs alone.
+    """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -75,43 +77,25 @@ class LoopParams(BaseModel):
     """Generator samples per kept candidate (keep ratio 1:N); 0: the size's."""
     n_kept: int = Field(0, ge=0)
     """Candidates kept per target and iteration; 0: the size's."""
-    gnn_tolerance: float = Field(0.30, gt=0)
-    """Stage I: keep candidates whose CGCNN K is within this fraction of the target."""
-    fam_tolerance: float = Field(0.20, gt=0)
-    """Stage II: keep candidates whose FAM K is within this fraction of the target."""
-    fam_settings: FamSettings = Field(default_factory=FamSettings)
-    """Stage II relaxation, structure matching (StructureMatcher ltol/stol/angle_tol) and elastic settings."""
-    fam_model: FamName = "auto"
-    """Foundation atomic model: auto (MACE-MP-0 if its weights are available, else SevenNet-0), a name or a path."""
     label_source: Literal["size", "dft", "fam"] = "size"
     """Who labels the stage-II survivors: DFT (the reference work), or the FAM (its K becomes the label,
     marked fam:<model> on every row: cheap enough for many iterations on a laptop); size: the size's."""
-    warm_start: bool = True
-    """Iterations after the first fine-tune the previous iteration's predictor and generator."""
-    new_label_weight: float = Field(DEFAULT_NEW_LABEL_WEIGHT, gt=0)
-    """How many times as often a loop-labeled structure is drawn in training as a seed row."""
-    feedback: bool = True
-    """Train on the loop's labels; False runs the same schedule on the seed data only (a control arm)."""
-    ranker: str = "head"
-    """What keeps the best samples: "head" (the generator's property head) or a CGCNN checkpoint path."""
-    grader: str | None = None
-    """Path of a frozen CGCNN checkpoint that grades every raw sample (MAPE in ``generations``/``iterations``)."""
-    dft_preset: DftPreset = "test"
-    """DFT preset for labeling (test, gpaw-tight, vasp, qe)."""
-    dft_limit: int = Field(0, ge=0)
-    """Label at most this many stage-II survivors per iteration (0: all of them)."""
-    dft_runner: Literal["local", "dask", "slurm"] = "local"
-    """Where DFT jobs run: in-process, local Dask workers, or SLURM jobs (the hpc pool's MATLOOP_SLURM_*)."""
     predictor_config: Literal[("size", *get_args(CGCNNConfigName))] = "size"  # type: ignore[valid-type]
     """CGCNN config name (small, default); size: the size's."""
     generator_config: Literal[("size", *get_args(GeneratorPreset))] = "size"  # type: ignore[valid-type]
     """Generator config name (small, paper); size: the size's."""
-    seed: int = 0
-    """Sampling seed."""
-    model_seed: int | None = None
-    """Training seed of the predictor and generator instead of their configs' (independent repeats of a loop)."""
+    warm_start: bool = True
+    """Iterations after the first fine-tune the previous iteration's predictor and generator."""
     mode: Literal["embedded", "deployed"] = "embedded"
     """embedded: stages run in this process; deployed: each stage runs on its work pool."""
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    """Train stage: CGCNN overrides, the weight of new labels, feedback on/off, training seed."""
+    generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    """Generate stage: sampling seed, keep-best ranker, frozen grader."""
+    screen: ScreenSettings = Field(default_factory=ScreenSettings)
+    """Screen stages I and II: tolerances, foundation atomic model and its relax/match/elastic settings."""
+    label: LabelSettings = Field(default_factory=LabelSettings)
+    """Label stage: DFT preset and overrides, strains, retries, runner and SLURM settings, label limit."""
 
     @model_validator(mode="after")
     def _focus_is_a_target(self) -> LoopParams:
@@ -145,49 +129,28 @@ def _parents(lake: Lake, params: LoopParams, iteration: int) -> dict[str, str | 
 
 
 def _stage_params(params: LoopParams, lake: Lake, iteration: int, loop_run_id: str = "") -> dict[str, BaseModel]:
-    """Each stage's own parameter model, built from the loop's (``loop_run_id``: the lock they join)."""
-    lake_url = lake.url
+    """Each stage's own parameter model: its settings from the loop's, plus what this iteration fixes
+    (``loop_run_id``: the lock the stages join)."""
+    run = {"lake_url": lake.url, "loop_run_id": loop_run_id}
     return {
         "train": TrainParams(
-            lake_url=lake_url,
-            loop_run_id=loop_run_id,
+            **params.train.model_dump(),
+            **run,
             what=["predictor", "generator"],
             predictor_config=params.predictor_config,
             generator_config=params.generator_config,
-            new_label_weight=params.new_label_weight,
-            feedback=params.feedback,
-            model_seed=params.model_seed,
             **_parents(lake, params, iteration),
         ),
         "generate": GenerateParams(
-            lake_url=lake_url,
-            loop_run_id=loop_run_id,
+            **(params.generate.model_dump() | {"seed": params.generate.seed + iteration}),
+            **run,
             iteration=iteration,
             targets=params.targets,
             samples_per_kept=params.samples_per_kept,
             n_kept=params.n_kept,
-            seed=params.seed + iteration,
-            grader=params.grader,
-            ranker=params.ranker,
         ),
-        "screen": ScreenParams(
-            lake_url=lake_url,
-            loop_run_id=loop_run_id,
-            iteration=iteration,
-            gnn_tolerance=params.gnn_tolerance,
-            fam_tolerance=params.fam_tolerance,
-            fam_model=params.fam_model,
-            fam_settings=params.fam_settings,
-        ),
-        "label": LabelParams(
-            lake_url=lake_url,
-            loop_run_id=loop_run_id,
-            iteration=iteration,
-            preset=params.dft_preset,
-            limit=params.dft_limit,
-            runner=params.dft_runner,
-            source=params.label_source,
-        ),
+        "screen": ScreenParams(**params.screen.model_dump(), **run, iteration=iteration),
+        "label": LabelParams(**params.label.model_dump(), **run, iteration=iteration, source=params.label_source),
     }
 
 

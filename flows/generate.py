@@ -30,10 +30,21 @@ Targets = Annotated[list[TargetK], Field(min_length=1)]
 """One or more target K_vrh values."""
 
 
-class GenerateParams(BaseModel):
-    """Parameters of the generate flow (rendered as a form in the Prefect UI)."""
+class GenerateSettings(BaseModel):
+    """How candidates are drawn and ranked: the generate stage's settings, in this flow's form and in the loop's."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    seed: int = 0
+    """Sampling seed (each target derives its own from it; the loop adds the iteration)."""
+    ranker: str = "head"
+    """What ranks samples for keep-best: "head" (the generator's property head) or a CGCNN checkpoint path."""
+    grader: str | None = None
+    """Path of a frozen CGCNN checkpoint that grades every raw sample (recorded in ``generations``)."""
+
+
+class GenerateParams(GenerateSettings):
+    """Parameters of the generate flow (rendered as a form in the Prefect UI): the settings, targets and counts."""
 
     lake_url: str = ""
     """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
@@ -47,12 +58,6 @@ class GenerateParams(BaseModel):
     """Candidates kept per target."""
     model_id: str | None = None
     """Generator model id; None = the latest registered generator."""
-    seed: int = 0
-    """Sampling seed (each target derives its own from it)."""
-    ranker: str = "head"
-    """What ranks samples for keep-best: "head" (the generator's property head) or a CGCNN checkpoint path."""
-    grader: str | None = None
-    """Path of a frozen CGCNN checkpoint that grades every raw sample (recorded in ``generations``)."""
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""

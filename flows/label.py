@@ -40,15 +40,12 @@ from tasks.common import in_lake
 from tasks.dft import atoms_from_dict, atoms_to_dict, dft_point, dft_relax
 
 
-class LabelParams(BaseModel):
-    """Parameters of the label flow (rendered as a form in the Prefect UI)."""
+class LabelSettings(BaseModel):
+    """How survivors are labeled: DFT preset, strains, retries and where the jobs run; in this flow's form and
+    in the loop's."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    iteration: int = Field(0, ge=0)
-    """Iteration whose fam_pass candidates are labeled."""
-    lake_url: str = ""
-    """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     preset: DftPreset = "test"
     """DFT preset (core.dft.PRESETS): test, gpaw-tight, vasp, qe (emt: a non-DFT stand-in for smoke tests)."""
     overrides: dict[str, Any] = {}
@@ -68,21 +65,30 @@ class LabelParams(BaseModel):
     limit: int = Field(0, ge=0)
     """Label at most this many structures in this run (0: all), those whose FAM K is closest to target
     first (the rest stay fam_pass for a later run)."""
-    source: Literal["dft", "fam"] = "dft"
-    """dft: label by DFT (the reference work). fam: promote the stage-II FAM K of each survivor to its
-    label (rows marked fam:<model> and loop_label): cheap enough for many iterations on a laptop."""
-    loop_run_id: str = ""
-    """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
-    a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
     @model_validator(mode="after")
-    def _overrides_fit_the_preset(self) -> LabelParams:
+    def _overrides_fit_the_preset(self) -> LabelSettings:
         """The overrides must make valid settings of the preset (checked here, not at the first DFT job)."""
         self.settings()
         return self
 
     def settings(self) -> DftSettings:
         return PRESETS.resolve(self.preset, self.overrides)
+
+
+class LabelParams(LabelSettings):
+    """Parameters of the label flow (rendered as a form in the Prefect UI): the settings and what to label."""
+
+    iteration: int = Field(0, ge=0)
+    """Iteration whose fam_pass candidates are labeled."""
+    lake_url: str = ""
+    """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
+    source: Literal["dft", "fam"] = "dft"
+    """dft: label by DFT (the reference work). fam: promote the stage-II FAM K of each survivor to its
+    label (rows marked fam:<model> and loop_label): cheap enough for many iterations on a laptop."""
+    loop_run_id: str = ""
+    """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
+    a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
 
 @flow(name="label-dft", log_prints=True)

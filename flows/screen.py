@@ -41,10 +41,25 @@ FamName = Annotated[str, AfterValidator(fam_name)]
 """A foundation atomic model: a known name or a MACE model file."""
 
 
-class ScreenParams(BaseModel):
-    """Parameters of the screen flow (rendered as a form in the Prefect UI)."""
+class ScreenSettings(BaseModel):
+    """Tolerances and models of stages I and II, in this flow's form and in the loop's."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    gnn_tolerance: float = Field(0.30, gt=0)
+    """Stage I keeps candidates whose predicted K_vrh is within this fraction of the target."""
+    fam_tolerance: float = Field(0.20, gt=0)
+    """Stage II keeps Born-stable candidates whose FAM K_vrh is within this fraction of the target."""
+    fam_model: FamName = "auto"
+    """auto (MACE-MP-0 if available, else SevenNet-0), mace-mp-0, sevennet-0, or a MACE model file."""
+    fam_settings: FamSettings = Field(default_factory=FamSettings)
+    """Relaxation, structure matching (StructureMatcher ltol/stol/angle_tol) and elastic settings of stage II."""
+    fam_batch_size: int = Field(16, ge=1)
+    """Structures per stage-II task (one cached unit of work)."""
+
+
+class ScreenParams(ScreenSettings):
+    """Parameters of the screen flow (rendered as a form in the Prefect UI): the settings and what to screen."""
 
     iteration: int = Field(0, ge=0)
     """Active-learning iteration whose candidates are screened."""
@@ -52,18 +67,8 @@ class ScreenParams(BaseModel):
     """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     stages: list[Stage] = Field(["gnn", "fam"], min_length=1)
     """Stages to run, in funnel order."""
-    gnn_tolerance: float = Field(0.30, gt=0)
-    """Stage I keeps candidates whose predicted K_vrh is within this fraction of the target."""
     gnn_model_id: str | None = None
     """CGCNN model id; None = the latest registered predictor."""
-    fam_tolerance: float = Field(0.20, gt=0)
-    """Stage II keeps Born-stable candidates whose FAM K_vrh is within this fraction of the target."""
-    fam_model: FamName = "auto"
-    """auto (MACE-MP-0 if available, else SevenNet-0), mace-mp-0, sevennet-0, or a MACE model file."""
-    fam_settings: FamSettings = Field(default_factory=FamSettings)
-    """Relaxation, structure matching and elastic settings of stage II."""
-    fam_batch_size: int = Field(16, ge=1)
-    """Structures per stage-II task (one cached unit of work)."""
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""

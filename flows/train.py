@@ -27,10 +27,23 @@ from tasks.train import labeled_snapshot, train_predictor
 What = Literal["predictor", "generator"]
 
 
-class TrainParams(BaseModel):
-    """Parameters of the train flow (rendered as a form in the Prefect UI)."""
+class TrainSettings(BaseModel):
+    """How the models are trained: the train stage's settings, in this flow's form and in the loop's."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    predictor_overrides: dict[str, Any] = {}
+    """Field overrides on the named CGCNN config, e.g. {"n_models": 2, "graph": {"cutoff": 6.0}}."""
+    new_label_weight: float = Field(DEFAULT_NEW_LABEL_WEIGHT, gt=0)
+    """How many times as often a loop-labeled structure is drawn as a seed row."""
+    feedback: bool = True
+    """Train on the loop's labels; False keeps to the seed data (the benchmark's no-feedback arm)."""
+    model_seed: int | None = None
+    """Training seed of both models instead of their configs' (independently trained models of one config)."""
+
+
+class TrainParams(TrainSettings):
+    """Parameters of the train flow (rendered as a form in the Prefect UI): the settings and what to train."""
 
     lake_url: str = ""
     """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
@@ -38,20 +51,12 @@ class TrainParams(BaseModel):
     """Models to train: "predictor" (CGCNN ensemble), "generator" (the conditional generator)."""
     predictor_config: CGCNNConfigName = "default"
     """Named CGCNN config (core.cgcnn.PRESETS): default, small."""
-    predictor_overrides: dict[str, Any] = {}
-    """Field overrides on the named config, e.g. {"n_models": 2, "graph": {"cutoff": 6.0}}."""
     generator_config: GeneratorPreset = "small"
-    """Named generator config (the generator's own module defines the names)."""
+    """Named generator config (core.generator.PRESETS): small, paper."""
     parent_predictor: str | None = None
     """Fine-tune this registered CGCNN ensemble (warm start) instead of training from scratch."""
     parent_generator: str | None = None
     """Fine-tune this registered generator (warm start) instead of training from scratch."""
-    new_label_weight: float = Field(DEFAULT_NEW_LABEL_WEIGHT, gt=0)
-    """How many times as often a loop-labeled structure is drawn as a seed row."""
-    feedback: bool = True
-    """Train on the loop's labels; False keeps to the seed data (the benchmark's no-feedback arm)."""
-    model_seed: int | None = None
-    """Training seed of both models instead of their configs' (independently trained models of one config)."""
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""

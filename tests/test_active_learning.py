@@ -21,9 +21,8 @@ def tiny(lake: Lake, **overrides) -> LoopParams:
         "iterations": 1,
         "n_kept": 3,
         "samples_per_kept": 4,
-        "gnn_tolerance": 5.0,
-        "fam_tolerance": 5.0,
-        "dft_limit": 1,
+        "screen": {"gnn_tolerance": 5.0, "fam_tolerance": 5.0},
+        "label": {"limit": 1},
         "label_source": "dft",
         "predictor_config": "small",
         "generator_config": "small",
@@ -86,7 +85,8 @@ def test_fam_labeled_iterations_warm_start_and_train_on_their_labels(tmp_path_fa
     lake = Lake(tmp_path_factory.mktemp("fam-loop") / "lake")
     ingest(lake, "seed")
     loose = FamSettings(ltol=0.6, stol=1.0, angle_tol=20.0)  # so that a tiny generator's samples reach labeling
-    rows = active_learning(tiny(lake, iterations=2, label_source="fam", dft_limit=0, fam_settings=loose))
+    screen = {"gnn_tolerance": 5.0, "fam_tolerance": 5.0, "fam_settings": loose}
+    rows = active_learning(tiny(lake, iterations=2, label_source="fam", label={"limit": 0}, screen=screen))
     assert {(r["iteration"], r["label_source"]) for r in rows} == {(0, "fam"), (1, "fam")}
     first = {r["iteration"]: r for r in rows if r["target"] == 350.0}
     models = {r["model_id"]: r for r in lake.query("SELECT * FROM models").to_pylist()}

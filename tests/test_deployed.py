@@ -29,11 +29,13 @@ def test_loop_deployment_runs_every_stage_on_its_pool(tmp_path):
         "iterations": 1,
         "n_kept": 4,
         "samples_per_kept": 4,
-        "gnn_tolerance": 5.0,
-        "fam_tolerance": 5.0,
-        # loose structure matching so that a candidate of the tiny generator reaches DFT
-        "fam_settings": {"ltol": 0.6, "stol": 1.0, "angle_tol": 20.0},
-        "dft_limit": 1,
+        "screen": {
+            "gnn_tolerance": 5.0,
+            "fam_tolerance": 5.0,
+            # loose structure matching so that a candidate of the tiny generator reaches DFT
+            "fam_settings": {"ltol": 0.6, "stol": 1.0, "angle_tol": 20.0},
+        },
+        "label": {"limit": 1},
         "label_source": "dft",  # the default size (laptop) labels with the FAM
         "predictor_config": "small",
         "generator_config": "small",

@@ -46,10 +46,31 @@ def test_named_configs_and_presets_are_choices() -> None:
     from core.dft import PRESETS as DFT_PRESETS
     from core.generator.configs import PRESETS as GENERATOR_PRESETS
 
-    loop = parameter_schema(active_learning.fn).model_dump_for_openapi()["definitions"]["LoopParams"]["properties"]
+    definitions = parameter_schema(active_learning.fn).model_dump_for_openapi()["definitions"]
+    loop = definitions["LoopParams"]["properties"]
     assert loop["predictor_config"]["enum"] == ["size", *CGCNN_PRESETS]
     assert loop["generator_config"]["enum"] == ["size", *GENERATOR_PRESETS]
-    assert loop["dft_preset"]["enum"] == list(DFT_PRESETS)
+    assert definitions["LabelSettings"]["properties"]["preset"]["enum"] == list(DFT_PRESETS)
+
+
+def test_the_loop_form_holds_every_stage_setting() -> None:
+    """Each stage's settings model is reachable from the loop's form, whole (no field copied, none left out)."""
+    from flows.generate import GenerateSettings
+    from flows.label import LabelSettings
+    from flows.screen import ScreenSettings
+    from flows.train import TrainSettings
+
+    definitions = parameter_schema(active_learning.fn).model_dump_for_openapi()["definitions"]
+    loop = definitions["LoopParams"]["properties"]
+    for stage, model in (
+        ("train", TrainSettings),
+        ("generate", GenerateSettings),
+        ("screen", ScreenSettings),
+        ("label", LabelSettings),
+    ):
+        assert loop[stage]["description"]
+        assert set(definitions[model.__name__]["properties"]) == set(model.model_fields)
+        assert not set(model.model_fields) & set(loop), f"{stage} settings copied onto the loop's form"
 
 
 def test_the_loop_form_offers_run_sizes_with_their_measured_cost() -> None:

@@ -120,17 +120,16 @@ def run(
         iterations=iterations,
         n_kept=n_kept,
         samples_per_kept=samples_per_kept,
-        fam_model=fam,
         label_source=labels,
-        new_label_weight=new_label_weight,
         warm_start=warm_start,
-        grader=grader,
-        dft_preset=dft_preset,
-        dft_limit=dft_limit,
         predictor_config=predictor_config,
         generator_config=generator_config,
         first_iteration=first_iteration,
         mode="deployed" if deployed else "embedded",
+        train={"new_label_weight": new_label_weight},
+        generate={"grader": grader},
+        screen={"fam_model": fam},
+        label={"preset": dft_preset, "limit": dft_limit},
     )
     _run_loop(params)
     _summary(Lake())
@@ -154,9 +153,8 @@ def demo() -> None:
         targets=[250.0, 350.0],
         focus_target=350.0,
         size="demo",
-        dft_limit=1,
-        gnn_tolerance=0.5,
-        fam_tolerance=0.5,
+        screen={"gnn_tolerance": 0.5, "fam_tolerance": 0.5},
+        label={"limit": 1},
     )
     _run_loop(params)
     _summary(lake)
