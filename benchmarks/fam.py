@@ -35,9 +35,8 @@ from core.fam import (  # noqa: E402
     FamUnavailableError,
     fam_calculator,
     fam_outcomes,
-    set_torch_threads,
 )
-from core.settings import get_settings  # noqa: E402
+from core.settings import get_settings, set_torch_threads  # noqa: E402
 from core.structures import excluded_reason, to_atoms  # noqa: E402
 
 

@@ -60,6 +60,7 @@ from core.dedup import find_duplicates
 from core.generator import PRESETS, CDVAEGenerator, Generator, keep_best, load_generator
 from core.graphs import graph_of_row
 from core.metrics import generation_metrics, mape
+from core.settings import set_torch_threads
 from core.structures import excluded_reason, from_row, split_of, structure_id, to_atoms, to_row
 
 TARGETS = (60.0, 100.0, 200.0, 250.0, 300.0, 350.0, 400.0)
@@ -100,7 +101,7 @@ class Grader:
 
     def __init__(self, cgcnn: Ensemble, fam_model: str) -> None:
         self.cgcnn = cgcnn
-        fam.set_torch_threads()
+        set_torch_threads()
         self.calculator, self.fam_name = fam.fam_calculator(fam_model)
         self.settings = fam.FamSettings()
 

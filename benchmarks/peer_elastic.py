@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from pymatgen.core import Structure  # noqa: E402
 
 from core.device import device_label, resolve_device  # noqa: E402
-from core.fam import FamSettings, fam_calculator, fam_outcomes, set_torch_threads  # noqa: E402
-from core.settings import get_settings  # noqa: E402
+from core.fam import FamSettings, fam_calculator, fam_outcomes  # noqa: E402
+from core.settings import get_settings, set_torch_threads  # noqa: E402
 from core.structures import excluded_reason, split_of, structure_id, to_atoms  # noqa: E402
 
 

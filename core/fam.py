@@ -452,8 +452,3 @@ def verdict(outcome: FamOutcome, target: float, tolerance: float) -> tuple[Liter
     if abs(off) > tolerance:
         return "reject", f"K_vrh {el.k_vrh:.1f} GPa is {off:+.0%} off target {target:g} GPa (tolerance {tolerance:.0%})"
     return "pass", f"K_vrh {el.k_vrh:.1f} GPa within {tolerance:.0%} of {target:g} GPa, Born-stable"
-
-
-def set_torch_threads() -> None:
-    """One torch thread per process (MATLOOP_TORCH_THREADS overrides): more threads oversubscribe small machines."""
-    torch.set_num_threads(int(os.environ.get("MATLOOP_TORCH_THREADS", "1")))

@@ -5,7 +5,7 @@ the cluster's login node and fans DFT out as SLURM jobs through Dask) and ``defa
 Each template is Prefect's process template with environment defaults for its machines (``gpu``:
 ``MATLOOP_DEVICE=auto``, so every model takes the GPU where the worker has one); the
 ``hpc`` one carries the SLURM settings (``MATLOOP_SLURM_*``, the defaults of
-:class:`deployments.runners.SlurmOptions`) that the label flow reads.
+:class:`core.settings.SlurmOptions`) that the label flow reads.
 
     python -m deployments.pools write    # regenerate the JSON templates from Prefect's default
     python -m deployments.pools create   # create or update the pools on $PREFECT_API_URL
@@ -19,14 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deployments.runners import SlurmOptions
+from core.settings import SlurmOptions, thread_environment
 
 HERE = Path(__file__).resolve().parent
 POOLS: dict[str, dict[str, str]] = {
     "gpu": {"PYTHONUNBUFFERED": "1", "MATLOOP_DEVICE": "auto"},
     "hpc": {
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
+        **{k: v for k, v in thread_environment(1).items() if k != "MKL_NUM_THREADS"},
         "PYTHONUNBUFFERED": "1",
         **SlurmOptions.pool_environment(),
     },

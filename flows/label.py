@@ -16,7 +16,6 @@ structures without a terminal state, and the task cache makes finished jobs free
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from typing import Any, Literal
 
@@ -29,8 +28,9 @@ from core.dft import PresetName as DftPreset
 from core.elastic import ElasticSettings, deformations, fit
 from core.failures import FaultInjection
 from core.labeling import StructureOutcome, dft_outcome, failure_text, fam_label_outcome, labeling_order
+from core.settings import SlurmOptions, apply_process_defaults
 from core.structures import from_atoms, from_row, to_atoms, to_row
-from deployments.runners import Runner, SlurmOptions, task_runner
+from deployments.runners import Runner, task_runner
 from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import Status, current, record_label
@@ -247,8 +247,7 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
             params.preset,
             params.runner,
         )
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        apply_process_defaults()  # DFT jobs on threads of this process: BLAS limited to MATLOOP_THREADS each
         if work:
             runner = task_runner(params.runner, params.workers, params.slurm)
             outcomes += label_dft.with_options(task_runner=runner)(lake.url, params.iteration, work, params)

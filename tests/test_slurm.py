@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_label import emt_cells, seed_candidates  # tests/ is on sys.path (pytest rootdir)
 
-from deployments.runners import SlurmOptions
+from core.settings import SlurmOptions
 from flows.label import LabelParams, label
 from storage.candidates import current
 from storage.queries import labeled_k_vrh

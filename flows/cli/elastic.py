@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,19 +10,13 @@ from typing import Annotated, Any
 import typer
 from tqdm import tqdm
 
+from core.settings import apply_process_defaults
 from flows.cli import app, at_least, first_line
 
-_THREADS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _FILE_HELP = "Structure file: CIF, POSCAR/CONTCAR, extxyz (anything ase.io.read reads)."
 _FAM_HELP = "Foundation model: auto, mace-mp-0, sevennet-0 or a MACE model file."
 _DFT_HELP = "Use DFT with this preset (test, gpaw-tight, ...) instead of a FAM."
 _PROTO_HELP = "Comma-separated binary prototypes (B2,L1_0,L1_2,D0_3,D0_19,C15)."
-
-
-def _one_thread() -> None:
-    """One BLAS/torch thread: on small shared machines more threads only fight each other."""
-    for name in _THREADS_ENV:
-        os.environ.setdefault(name, "1")
 
 
 def _calculator(fam: str, dft: str | None, atoms: Any) -> tuple[Any, str, dict[str, Any]]:
@@ -38,7 +31,8 @@ def _calculator(fam: str, dft: str | None, atoms: Any) -> tuple[Any, str, dict[s
             "optimizer": settings.relax_optimizer,
         }
         return dft_calculator(settings, atoms=atoms), settings.method, relax_options
-    from core.fam import fam_calculator, set_torch_threads
+    from core.fam import fam_calculator
+    from core.settings import set_torch_threads
 
     set_torch_threads()
     calc, name = fam_calculator(fam)
@@ -103,7 +97,7 @@ def elastic(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Relax a structure, then print K and G (Voigt, Reuss, Hill), the EOS K, Born stability and the model used."""
-    _one_thread()
+    apply_process_defaults()  # BLAS threads: MATLOOP_THREADS, before numpy and torch load
     from ase.io import read
 
     from core.elastic import ElasticSettings, deformations, elastic_constants
@@ -173,9 +167,10 @@ def seed(
     load: Annotated[bool, typer.Option("--load", help="Also append the seed set to the lake.")] = False,
 ) -> None:
     """Enumerate alloy prototypes, relax and label them with a FAM, and write the offline seed set."""
-    _one_thread()
+    apply_process_defaults()  # BLAS threads: MATLOOP_THREADS, before numpy and torch load
     from core import seed as seedlib
-    from core.fam import fam_calculator, set_torch_threads
+    from core.fam import fam_calculator
+    from core.settings import set_torch_threads
 
     set_torch_threads()
 
