@@ -19,7 +19,6 @@ the caller expects is refused with the differing fields named.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +37,7 @@ from core import graphs as graphs_module
 from core.device import resolve_device
 from core.graphs import CrystalGraph, GraphBatch, GraphConfig, atom_feature_table, collate
 from core.presets import Presets
-from core.provenance import settings_hash
+from core.provenance import settings_hash, source_hash
 
 CHECKPOINT_FORMAT = "matloop-cgcnn/1"
 
@@ -97,11 +96,8 @@ ConfigName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 
 
 def code_hash() -> str:
-    """Hash of this module's and the graph module's source: part of a trained model's cache key."""
-    digest = hashlib.sha256()
-    for module_file in (__file__, graphs_module.__file__):
-        digest.update(Path(module_file).read_bytes())
-    return digest.hexdigest()[:12]
+    """Hash of this module's source and of every ``core`` module it imports: part of a trained model's cache key."""
+    return source_hash(__name__)
 
 
 # ---------- model ----------

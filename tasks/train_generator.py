@@ -6,7 +6,8 @@ loop label drawn ``new_label_weight`` times as often as a seed row. ``feedback=F
 loop's labels out (the same fine-tuning schedule with no new data: the benchmark's control arm).
 
 The cache key is (lake, config name, parent, weighting, task source) plus the training snapshot's
-hash and the hash of the generator's code (core/generator/*.py): rerunning on unchanged data,
+hash and the hash of the generator's code (``core.provenance.source_hash``: core/generator and every core module it
+imports): rerunning on unchanged data,
 config and code returns the registered model id without training; a new label, a config edit or a
 code change trains a new model. Even with the Prefect cache gone, a model already registered for
 the same data hash and settings hash (which include the parent id and the weighting) is returned
@@ -15,7 +16,6 @@ instead of retrained.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from pymatgen.core import Structure
 
 from core.device import device_label
 from core.generator import PRESETS, CDVAEConfig, CDVAEGenerator, load_generator
-from core.provenance import settings_hash
+from core.provenance import settings_hash, source_hash
 from core.structures import from_row
 from storage.lake import Lake
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT, training_rows
@@ -34,15 +34,11 @@ from storage.registry import checkpoint_path, register_model, resolve_model, sna
 from tasks.common import CACHE_POLICY, compute_task, run_logger
 
 GENERATOR_KIND = "generator"
-_CODE_DIR = Path(__file__).resolve().parent.parent / "core" / "generator"
 
 
 def generator_code_hash() -> str:
-    """Hash of the generator package's source, subpackages included: a code change means a new model."""
-    digest = hashlib.sha256()
-    for path in sorted(_CODE_DIR.rglob("*.py")):
-        digest.update(str(path.relative_to(_CODE_DIR)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
+    """Hash of the generator package's source (subpackages included) and of every ``core`` module it imports."""
+    return source_hash("core.generator")
 
 
 @dataclass(frozen=True)

@@ -163,14 +163,26 @@ def test_a_recreated_lake_trains_again_instead_of_returning_a_vanished_model(sha
     assert resolve_model(lake, GENERATOR_KIND, model_id).model_id == model_id  # registered in the lake now there
 
 
-def test_generator_code_hash_covers_subpackages(tmp_path, monkeypatch):
-    """A change anywhere under core/generator, a subfolder included, is a new model (no stale cache)."""
-    import tasks.train_generator as tg
+def test_model_source_hash_covers_subpackages_and_what_they_import(tmp_path):
+    """An edit anywhere under a model's package, a subfolder included, or in a core module it imports (even
+    lazily, two imports away) is a new model; an edit of a module it does not import is not."""
+    from core.provenance import source_hash
 
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "a.py").write_text("x = 1\n")
-    (tmp_path / "sub" / "b.py").write_text("y = 1\n")
-    monkeypatch.setattr(tg, "_CODE_DIR", tmp_path)
-    before = tg.generator_code_hash()
-    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
-    assert tg.generator_code_hash() != before
+    pkg = tmp_path / "core" / "gen"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from core.gen.sub.b import y\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from core import helper\n    return helper.z\n")
+    (tmp_path / "core" / "helper.py").write_text("from core.deep import w\nz = 1\n")
+    (tmp_path / "core" / "deep.py").write_text("w = 1\n")
+    (tmp_path / "core" / "unrelated.py").write_text("u = 1\n")
+
+    def digest() -> str:
+        return source_hash("core.gen", root=tmp_path)
+
+    before = digest()
+    (tmp_path / "core" / "unrelated.py").write_text("u = 2\n")
+    assert digest() == before
+    for path in (pkg / "sub" / "b.py", tmp_path / "core" / "deep.py"):
+        path.write_text(path.read_text() + "# edited\n")
+        assert digest() != before
+        before = digest()
