@@ -27,8 +27,8 @@ from core.fam import (
     fam_calculator,
     fam_outcomes,
     mace_mp_checkpoint,
-    set_torch_threads,
 )
+from core.settings import set_torch_threads
 from core.structures import from_row, to_atoms
 from tasks.common import compute_task, run_logger
 
