@@ -284,7 +284,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", action="append", help="generator preset(s) to train (default: small)")
     parser.add_argument("--seeds", type=int, default=1, help="independently trained models per preset")
-    parser.add_argument("--checkpoint", type=Path, help="benchmark this trained generator instead of training")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        help="benchmark these trained generators instead of training (repeat: one per seed, seeded as --seeds is)",
+    )
     parser.add_argument("--cgcnn", type=Path, help="CGCNN grader checkpoint (default: train or reuse one in --out)")
     parser.add_argument("--fam-model", default="sevennet-0")
     parser.add_argument("--n", type=int, default=300, help="raw samples per target")
@@ -313,9 +318,9 @@ def main() -> None:
     presets = ["checkpoint"] if args.checkpoint else (args.preset or ["small"])
     for preset in presets:
         results[preset] = []
-        for k in range(1 if args.checkpoint else args.seeds):
+        for k in range(len(args.checkpoint) if args.checkpoint else args.seeds):
             if args.checkpoint:
-                generator = load_generator(args.checkpoint, device=args.device)
+                generator = load_generator(args.checkpoint[k], device=args.device)
             else:
                 config = PRESETS[preset]
                 generator = CDVAEGenerator(config.model_copy(update={"seed": config.seed + k}), device=args.device)
