@@ -139,6 +139,7 @@ def _stage_params(params: LoopParams, lake: Lake, iteration: int, loop_run_id: s
             what=["predictor", "generator"],
             predictor_config=params.predictor_config,
             generator_config=params.generator_config,
+            labels_before=iteration,
             **_parents(lake, params, iteration),
         ),
         "generate": GenerateParams(

@@ -57,6 +57,9 @@ class TrainParams(TrainSettings):
     """Fine-tune this registered CGCNN ensemble (warm start) instead of training from scratch."""
     parent_generator: str | None = None
     """Fine-tune this registered generator (warm start) instead of training from scratch."""
+    labels_before: int | None = None
+    """Train on loop labels of iterations before this one only; the loop sets its iteration, so a resumed
+    iteration trains on the data it started with. None: every label in the lake."""
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
@@ -95,6 +98,7 @@ def _train_generator(params: TrainParams, lake_url: str) -> str:
         params.new_label_weight,
         params.feedback,
         params.model_seed,
+        params.labels_before,
     )
 
 
@@ -114,7 +118,7 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
         if "predictor" in params.what:
             seed = {} if params.model_seed is None else {"seed": params.model_seed}
             config = PREDICTOR_PRESETS.resolve(params.predictor_config, {**params.predictor_overrides, **seed})
-            snapshot = labeled_snapshot(lake_url)
+            snapshot = labeled_snapshot(lake_url, params.labels_before)
             logger.info(
                 "predictor: %d labeled structures (data hash %s), config %s",
                 len(snapshot.rows),
@@ -129,6 +133,7 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
                 params.parent_predictor,
                 params.new_label_weight,
                 params.feedback,
+                params.labels_before,
             )
             trained["predictor"] = result["model_id"]
             create_table_artifact(

@@ -27,37 +27,46 @@ LABEL_METHODS_SQL = (
 """K_vrh labels fit for training: reference datasets, our DFT, the FAM-labeled seed set, and FAM loop labels."""
 
 
-def labeled_k_vrh(lake: Lake, split: str | None = None) -> pa.Table:
+def labeled_k_vrh(lake: Lake, split: str | None = None, labels_before: int | None = None) -> pa.Table:
     """Structures with a training-grade K_vrh label: structure columns plus ``k_vrh``, ``method`` and ``from_loop``.
 
     ``from_loop`` marks structures the active-learning loop made and labeled (``LOOP_SOURCES``).
     Where a structure has several labels, DFT wins over datasets, datasets over the seed set,
-    and the newest row wins within one kind.
+    and the newest row wins within one kind. ``labels_before`` keeps only loop labels of iterations
+    before it: iteration i trains on what iterations < i labeled, so a resumed iteration sees the data
+    it started with, not the labels its own first attempt wrote.
     """
-    split_sql = "AND s.split = ?" if split else ""
     loop_sources = ", ".join(f"'{source}'" for source in LOOP_SOURCES)
+    where, params = [], []
+    if split:
+        where.append("AND s.split = ?")
+        params.append(split)
+    if labels_before is not None:
+        where.append(f"AND NOT (s.source IN ({loop_sources}) AND coalesce(p.iteration, 0) >= ?)")
+        params.append(labels_before)
     return lake.query(
         f"""
         SELECT s.*, p.value AS k_vrh, p.method, s.source IN ({loop_sources}) AS from_loop
         FROM structures s JOIN properties p USING (structure_id)
-        WHERE p.name = 'k_vrh' AND p.value IS NOT NULL AND {LABEL_METHODS_SQL} {split_sql}
+        WHERE p.name = 'k_vrh' AND p.value IS NOT NULL AND {LABEL_METHODS_SQL} {" ".join(where)}
         QUALIFY row_number() OVER (
             PARTITION BY s.structure_id
             ORDER BY CASE WHEN p.method LIKE 'dft:%' THEN 0 WHEN p.method LIKE 'dataset:%' THEN 1 ELSE 2 END,
                      p.created_at DESC) = 1
         ORDER BY s.structure_id
         """,
-        [split] if split else None,
+        params or None,
     )
 
 
-def training_rows(lake: Lake) -> list[dict]:
-    """What models learn from: labeled train-split rows with K > 0, plus every loop-labeled structure.
+def training_rows(lake: Lake, labels_before: int | None = None) -> list[dict]:
+    """What models learn from: labeled train-split rows with K > 0, plus every loop-labeled structure
+    (of iterations before ``labels_before`` when given).
 
     The fixed split keeps seed-data evaluation honest; a structure the loop paid to label is never
     spent on validation or test.
     """
-    rows = labeled_k_vrh(lake).to_pylist()
+    rows = labeled_k_vrh(lake, labels_before=labels_before).to_pylist()
     return [r for r in rows if r["k_vrh"] > 0 and (r["split"] == "train" or r["from_loop"])]
 
 

@@ -142,7 +142,7 @@ def latent_snapshot(
         _, generator = load_registered_generator(lake.url)
     except ModelNotFoundError:
         return None
-    rows = labeled_k_vrh(lake, split="train").to_pylist()[:max_reference] + new
+    rows = labeled_k_vrh(lake, split="train", labels_before=iteration).to_pylist()[:max_reference] + new
     try:
         z = generator.latents([from_row(r) for r in rows])
     except NotImplementedError:  # a generator without an encoder has no map to draw

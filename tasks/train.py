@@ -41,9 +41,9 @@ class Snapshot:
         return [r["structure_id"] for r in self.rows]
 
 
-def labeled_snapshot(lake_url: str) -> Snapshot:
+def labeled_snapshot(lake_url: str, labels_before: int | None = None) -> Snapshot:
     """Rows of ``labeled_k_vrh`` usable for a log10 target (K > 0), and the hash of ids + labels."""
-    rows = [r for r in labeled_k_vrh(Lake(lake_url)).to_pylist() if r["k_vrh"] > 0]
+    rows = [r for r in labeled_k_vrh(Lake(lake_url), labels_before=labels_before).to_pylist() if r["k_vrh"] > 0]
     return Snapshot(rows, snapshot_hash([r["structure_id"] for r in rows], [r["k_vrh"] for r in rows]))
 
 
@@ -68,18 +68,20 @@ def train_predictor(
     parent_model_id: str | None = None,
     new_label_weight: float = DEFAULT_NEW_LABEL_WEIGHT,
     feedback: bool = True,
+    labels_before: int | None = None,
 ) -> dict[str, Any]:
     """Train a CGCNN ensemble on the lake's labeled data (or fine-tune ``parent_model_id``); register it.
 
     ``data_hash`` must match the data the task reads (it is the cache key's data part), and
     ``code`` is ``core.cgcnn.code_hash()``, the model code's part of the key. Loop-labeled rows
     train (never validate or test) and are drawn ``new_label_weight`` times as often as seed rows;
-    ``feedback=False`` leaves them out. Returns id, metrics and plot path.
+    ``feedback=False`` leaves them out; ``labels_before`` keeps loop labels of earlier iterations only.
+    Returns id, metrics and plot path.
     """
     logger = run_logger()
     lake = Lake(lake_url)
     cfg = CGCNNConfig.model_validate(config)
-    snapshot = labeled_snapshot(lake_url)
+    snapshot = labeled_snapshot(lake_url, labels_before)
     if snapshot.data_hash != data_hash:
         raise RuntimeError(
             f"labeled data changed since the flow read it (hash {snapshot.data_hash}, expected {data_hash}); rerun"

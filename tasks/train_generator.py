@@ -73,15 +73,24 @@ class TrainingSet:
 
 
 def training_set(
-    lake_url: str, new_label_weight: float = DEFAULT_NEW_LABEL_WEIGHT, feedback: bool = True
+    lake_url: str,
+    new_label_weight: float = DEFAULT_NEW_LABEL_WEIGHT,
+    feedback: bool = True,
+    labels_before: int | None = None,
 ) -> TrainingSet:
-    """``storage.queries.training_rows``: the train split and, with ``feedback``, every loop-labeled row."""
-    rows = [r for r in training_rows(Lake(lake_url)) if feedback or not r["from_loop"]]
+    """``storage.queries.training_rows``: the train split and, with ``feedback``, the loop-labeled rows
+    (of iterations before ``labels_before`` when given)."""
+    rows = [r for r in training_rows(Lake(lake_url), labels_before) if feedback or not r["from_loop"]]
     return TrainingSet(rows, new_label_weight)
 
 
 def _data_and_code_key(_context: Any, inputs: dict[str, Any]) -> str:
-    data = training_set(inputs["lake_url"], inputs.get("new_label_weight", 1.0), inputs.get("feedback", True))
+    data = training_set(
+        inputs["lake_url"],
+        inputs.get("new_label_weight", 1.0),
+        inputs.get("feedback", True),
+        inputs.get("labels_before"),
+    )
     return f"{data.data_hash}-{generator_code_hash()}"
 
 
@@ -113,15 +122,17 @@ def train_generator(
     new_label_weight: float = DEFAULT_NEW_LABEL_WEIGHT,
     feedback: bool = True,
     model_seed: int | None = None,
+    labels_before: int | None = None,
 ) -> str:
     """Train the generator, or fine-tune ``parent_model_id``, on the training rows; return the new model id.
 
-    ``model_seed`` overrides the config's training seed (independently trained models of one config).
+    ``model_seed`` overrides the config's training seed (independently trained models of one config);
+    ``labels_before`` keeps loop labels of earlier iterations only.
     """
     logger = run_logger()
     lake = Lake(lake_url)
     config = _config(config_name, model_seed)
-    data = training_set(lake_url, new_label_weight, feedback)
+    data = training_set(lake_url, new_label_weight, feedback, labels_before)
     record_config = _config_record(config, parent_model_id, new_label_weight)
     existing = lake.query(
         "SELECT model_id FROM models WHERE kind = ? AND data_hash = ? AND settings_hash = ? "

@@ -16,11 +16,12 @@ from core.cgcnn import PRESETS as CGCNN_PRESETS
 from core.generator import CDVAEGenerator, load_generator
 from core.graphs import graph_of_row
 from core.structures import from_row, split_of, structure_id, to_row
+from flows.active_learning import LoopParams, _stage_params
 from flows.label import LabelParams, label
 from storage.candidates import advance
 from storage.queries import LOOP_LABEL_FLAG, labeled_k_vrh, training_rows
 from storage.registry import checkpoint_path, resolve_model
-from tasks.train import split_rows
+from tasks.train import labeled_snapshot, split_rows
 from tasks.train_generator import GENERATOR_KIND, train_generator, training_set
 
 
@@ -124,6 +125,19 @@ def test_loop_labels_all_go_to_training_with_their_weight(seeded_lake):  # noqa:
     assert sorted(w for w, r in zip(data.weights, data.rows, strict=True) if r["from_loop"]) == [7.0] * len(ids)
     assert set(data.weights) == {1.0, 7.0}
     assert not any(r["from_loop"] for r in training_set(seeded_lake.url, feedback=False).rows)
+
+
+def test_an_iteration_trains_on_labels_of_earlier_iterations_only(seeded_lake):  # noqa: F811
+    """A resumed iteration must not see the labels its own killed first attempt wrote (same models, same ids)."""
+    ids = _loop_labeled(seeded_lake)  # labels of iteration 0
+    seed_only = {r["structure_id"] for r in training_rows(seeded_lake, labels_before=0)}
+    assert not seed_only & set(ids)
+    assert {r["structure_id"] for r in training_rows(seeded_lake, labels_before=1)} == seed_only | set(ids)
+    assert training_set(seeded_lake.url, labels_before=0).data_hash != training_set(seeded_lake.url).data_hash
+    assert training_set(seeded_lake.url, labels_before=1).data_hash == training_set(seeded_lake.url).data_hash
+    assert labeled_snapshot(seeded_lake.url, 0).data_hash != labeled_snapshot(seeded_lake.url, 1).data_hash
+    params = LoopParams(lake_url=seeded_lake.url, size="demo")
+    assert _stage_params(params, seeded_lake, 3)["train"].labels_before == 3
 
 
 def test_a_fam_loop_label_on_a_seed_structure_is_refused_unless_flagged(seeded_lake):  # noqa: F811
