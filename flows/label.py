@@ -29,13 +29,13 @@ from core.elastic import ElasticSettings, deformations, fit
 from core.failures import FaultInjection
 from core.labeling import StructureOutcome, dft_outcome, failure_text, fam_label_outcome, labeling_order
 from core.settings import SlurmOptions, apply_process_defaults
-from core.structures import from_atoms, from_row, to_atoms, to_row
+from core.structures import from_atoms, from_row, to_atoms
 from deployments.runners import Runner, task_runner
 from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import Status, current, record_label
-from storage.queries import LOOP_LABEL_FLAG, label_inputs
-from storage.rows import Origin, elastic_rows, scalar_row, structure_row
+from storage.queries import label_inputs
+from storage.records import record_dft_results, record_fam_label
 from tasks.common import in_lake
 from tasks.dft import atoms_from_dict, atoms_to_dict, dft_point, dft_relax
 
@@ -161,19 +161,7 @@ def label_dft(lake_url: str, iteration: int, work: list[dict[str, Any]], params:
                 results[label_] = None
                 errors[label_] = failure_text(exc, params.max_attempts)
         result = fit(relaxed, plan, results, params.elastic)
-        relaxed_row = to_row(from_atoms(relaxed))
-        relaxed_id = relaxed_row["structure_id"]
-        if relaxed_id != sid:
-            lake.append("structures", [structure_row(relaxed_row, "dft-relaxed", sid, [sid])], run_id=run_id)
-        origin = Origin(
-            method=settings.method,
-            settings_hash=settings.physics_hash(),
-            iteration=iteration,
-            flags=tuple(result.flags),
-        )
-        rows = [scalar_row(relaxed_id, origin, "energy_per_atom", energy / len(relaxed), "eV/atom")]
-        rows += elastic_rows(relaxed_id, origin, result, settings=settings.model_dump(mode="json"))
-        lake.append("properties", rows, run_id=run_id)
+        relaxed_id = record_dft_results(lake, iteration, sid, from_atoms(relaxed), energy, settings, result, run_id)
         outcomes[sid] = dft_outcome(sid, relaxed_id, settings.method, result, errors)
         record_label(lake, iteration, item["candidates"], outcomes[sid], run_id)
     return [outcomes[item["structure_id"]] for item in work]
@@ -190,11 +178,7 @@ def _label_with_fam(
         first["fam_model"],
         first["fam_k"],
     )
-    origin = Origin(method=outcome.method, model_id=first["fam_model"], iteration=iteration, flags=(LOOP_LABEL_FLAG,))
-    # append_new: a rerun after a kill between this write and the candidate's writes the label once
-    lake.append_new(
-        "properties", [scalar_row(outcome.relaxed_id, origin, "k_vrh", first["fam_k"], "GPa")], run_id=run_id
-    )
+    record_fam_label(lake, iteration, outcome, first["fam_model"], first["fam_k"], run_id)
     record_label(lake, iteration, candidates, outcome, run_id)
     return outcome
 

@@ -24,7 +24,7 @@ from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import Status, advance, current
 from storage.queries import dedup_references, structure_rows
-from storage.rows import Origin, PredictionPayload, fam_job_row, fam_rows, prediction_row, structure_row
+from storage.records import record_fam_batch, record_predictions
 from tasks.common import in_lake, run_logger
 
 Stage = Literal["gnn", "fam"]
@@ -153,20 +153,7 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     logger.info("iteration %d: predicting K for %d structures (%d candidates)", iteration, len(ids), len(todo))
     predictions = {p["structure_id"]: p for p in in_lake(predict_k, lake_url)(lake_url, record.model_id, ids)}
     run_id = _run_id()
-    origin = Origin(
-        method=f"cgcnn@{record.model_id}",
-        model_id=record.model_id,
-        settings_hash=record.settings_hash,
-        iteration=iteration,
-    )
-    lake.append_new(  # a rerun gets the predictions from the cache: each row once
-        "properties",
-        [
-            prediction_row(sid, origin, p["k_vrh"], p["k_vrh_std"], PredictionPayload.model_validate(p))
-            for sid, p in predictions.items()
-        ],
-        run_id=run_id,
-    )
+    record_predictions(lake, iteration, record, predictions, run_id)
     known = dedup_references(lake, ids, sorted({r["reduced_formula"] for r in rows.values()}), iteration)
     decided = gnn_verdicts(todo, rows, predictions, known, tolerance, record.model_id)
     advance(lake, [update for update, _ in decided], stage="gnn", run_id=run_id)
@@ -226,36 +213,7 @@ def screen_fam(
         chunk = ids[start : start + batch_size]
         results = {r["structure_id"]: r for r in task([structure_input(rows[s]) for s in chunk], model, settings)}
         outcomes = {sid: FamOutcome.model_validate(r["outcome"]) for sid, r in results.items()}
-        # append_new: a rerun after a kill gets the batch from the cache and would write its rows twice
-        jobs = [
-            fam_job_row(
-                sid,
-                outcomes[sid].model_name,
-                settings.model_dump_json(),
-                shash,
-                error_class=outcomes[sid].error_class,
-                error=outcomes[sid].error,
-                wall_time_s=results[sid]["wall_time_s"],
-                host=results[sid]["host"],
-                device=results[sid].get("device"),
-            )
-            for sid in chunk
-        ]
-        lake.append_new("jobs", jobs, run_id=run_id)
-        properties = [
-            row
-            for sid in chunk
-            for row in fam_rows(
-                sid, outcomes[sid].model_name, outcomes[sid].energy_per_atom, outcomes[sid].elastic, shash, iteration
-            )
-        ]
-        lake.append_new("properties", properties, run_id=run_id)
-        relaxed = [
-            structure_row(o.relaxed, "fam-relaxed", f"fam:{o.model_name}", [sid])
-            for sid, o in outcomes.items()
-            if o.relaxed is not None
-        ]
-        lake.append_new("structures", relaxed, run_id=run_id)
+        record_fam_batch(lake, iteration, results, outcomes, settings, shash, run_id)
         decided = fam_verdicts(todo, outcomes, tolerance)
         for update, reason in decided:
             counts[{"pass": "passed", "reject": "rejected", "error": "errors"}[update["fam_verdict"]]] += 1

@@ -1,0 +1,138 @@
+"""What the screen and label stages write besides the candidate rows (``storage.candidates``): stage-I
+predictions, stage-II FAM results, a structure's DFT results and the FAM loop labels.
+
+The flows build no rows: they hand over what their tasks returned, and these functions write it in the
+shapes of ``storage.rows``. Writes a cached task's rerun would repeat use ``append_new``, so a rerun
+after a kill writes each row once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pymatgen.core import Structure
+
+from core.dft import DftSettings
+from core.elastic import ElasticResult
+from core.labeling import StructureOutcome
+from core.structures import to_row
+from storage.lake import Lake
+from storage.queries import LOOP_LABEL_FLAG
+from storage.registry import ModelRecord
+from storage.rows import (
+    Origin,
+    PredictionPayload,
+    elastic_rows,
+    fam_job_row,
+    fam_rows,
+    prediction_row,
+    scalar_row,
+    structure_row,
+)
+
+if TYPE_CHECKING:
+    from core.fam import FamOutcome, FamSettings
+
+
+def record_predictions(
+    lake: Lake, iteration: int, record: ModelRecord, predictions: Mapping[str, Mapping[str, Any]], run_id: Any
+) -> None:
+    """Stage I: one CGCNN prediction row per structure (``predictions`` as ``tasks.predict.predict_k`` returns)."""
+    origin = Origin(
+        method=f"cgcnn@{record.model_id}",
+        model_id=record.model_id,
+        settings_hash=record.settings_hash,
+        iteration=iteration,
+    )
+    rows = [
+        prediction_row(sid, origin, p["k_vrh"], p["k_vrh_std"], PredictionPayload.model_validate(p))
+        for sid, p in predictions.items()
+    ]
+    lake.append_new("properties", rows, run_id=run_id)
+
+
+def record_fam_batch(
+    lake: Lake,
+    iteration: int,
+    results: Mapping[str, Mapping[str, Any]],
+    outcomes: Mapping[str, FamOutcome],
+    settings: FamSettings,
+    settings_hash: str,
+    run_id: Any,
+) -> None:
+    """Stage II, one batch: a job row per structure, its FAM energy and elastic rows, and each relaxed structure
+    (``results`` as ``tasks.fam.fam_batch`` returns, by structure id; ``outcomes`` parsed from them)."""
+    chunk = sorted(results)
+    jobs = [
+        fam_job_row(
+            sid,
+            outcomes[sid].model_name,
+            settings.model_dump_json(),
+            settings_hash,
+            error_class=outcomes[sid].error_class,
+            error=outcomes[sid].error,
+            wall_time_s=results[sid]["wall_time_s"],
+            host=results[sid]["host"],
+            device=results[sid].get("device"),
+        )
+        for sid in chunk
+    ]
+    lake.append_new("jobs", jobs, run_id=run_id)
+    properties = [
+        row
+        for sid in chunk
+        for row in fam_rows(
+            sid,
+            outcomes[sid].model_name,
+            outcomes[sid].energy_per_atom,
+            outcomes[sid].elastic,
+            settings_hash,
+            iteration,
+        )
+    ]
+    lake.append_new("properties", properties, run_id=run_id)
+    relaxed = [
+        structure_row(o.relaxed, "fam-relaxed", f"fam:{o.model_name}", [sid])
+        for sid, o in outcomes.items()
+        if o.relaxed is not None
+    ]
+    lake.append_new("structures", relaxed, run_id=run_id)
+
+
+def record_dft_results(
+    lake: Lake,
+    iteration: int,
+    structure_id: str,
+    relaxed: Structure,
+    energy: float,
+    settings: DftSettings,
+    result: ElasticResult,
+    run_id: Any,
+) -> str:
+    """Write the DFT-relaxed structure (when relaxing changed its id), its energy per atom and its elastic
+    rows; returns the relaxed structure's id, the one the labels are on."""
+    relaxed_row = to_row(relaxed)
+    relaxed_id = relaxed_row["structure_id"]
+    if relaxed_id != structure_id:
+        lake.append(
+            "structures", [structure_row(relaxed_row, "dft-relaxed", structure_id, [structure_id])], run_id=run_id
+        )
+    origin = Origin(
+        method=settings.method, settings_hash=settings.physics_hash(), iteration=iteration, flags=tuple(result.flags)
+    )
+    rows = [scalar_row(relaxed_id, origin, "energy_per_atom", energy / len(relaxed), "eV/atom")]
+    rows += elastic_rows(relaxed_id, origin, result, settings=settings.model_dump(mode="json"))
+    lake.append("properties", rows, run_id=run_id)
+    return relaxed_id
+
+
+def record_fam_label(
+    lake: Lake, iteration: int, outcome: StructureOutcome, fam_model: str, fam_k: float, run_id: Any
+) -> None:
+    """Write the stage-II K of a FAM-relaxed structure as its training label (flagged ``loop_label``).
+
+    ``append_new``: a rerun after a kill between this write and the candidate's writes the label once.
+    """
+    origin = Origin(method=outcome.method, model_id=fam_model, iteration=iteration, flags=(LOOP_LABEL_FLAG,))
+    lake.append_new("properties", [scalar_row(outcome.relaxed_id, origin, "k_vrh", fam_k, "GPa")], run_id=run_id)
