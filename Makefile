@@ -6,10 +6,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := libxc-dev libopenblas-dev libfftw3-dev slurm-wlm munge
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
-export OMP_NUM_THREADS ?= 1
-export OPENBLAS_NUM_THREADS ?= 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# Threads and Prefect defaults are set by every matloop process itself (core/settings.py:apply_process_defaults).
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test test-fast lint serve benchmarks

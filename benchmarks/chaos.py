@@ -47,19 +47,17 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from core.settings import apply_process_defaults
+
+apply_process_defaults()  # one BLAS/OpenMP thread per process and quiet Prefect, unless the environment says otherwise
 
 STAGES = ("train", "generate", "screen", "label", "record")
 PROVENANCE = ("run_id", "created_at", "code_version")
 VOLATILE = {"iterations": ("wall_times_json",)}
 """Columns that differ between two runs of the same work by design (times), besides provenance."""
-TERMINAL = ("rejected", "failed", "labeled")
 
 
 # ---------------------------------------------------------------- the child: one run of the loop

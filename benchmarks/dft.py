@@ -12,14 +12,12 @@ the platform's overhead. References: PBE K of W 305.6 GPa and Ir 348.5 GPa (this
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from core.settings import apply_process_defaults
+
+apply_process_defaults()  # one BLAS/OpenMP thread per process and quiet Prefect, unless the environment says otherwise
 
 from ase.build import bulk
 

@@ -17,27 +17,27 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_name, "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from core.settings import apply_process_defaults
 
-import numpy as np  # noqa: E402
-from pymatgen.core import Structure  # noqa: E402
+apply_process_defaults()  # one BLAS/OpenMP thread per process and quiet Prefect, unless the environment says otherwise
 
-from core.elastic import ElasticSettings  # noqa: E402
-from core.fam import (  # noqa: E402
+import numpy as np
+from pymatgen.core import Structure
+
+from core.elastic import ElasticSettings
+from core.fam import (
     FamSettings,
     FamUnavailableError,
     fam_calculator,
     fam_outcomes,
 )
-from core.settings import get_settings, set_torch_threads  # noqa: E402
-from core.structures import excluded_reason, to_atoms  # noqa: E402
+from core.settings import get_settings, set_torch_threads
+from core.structures import excluded_reason, to_atoms
 
 
 def reference_set(data: Path, n: int, max_sites: int = 4) -> list[tuple[str, Structure, float]]:

@@ -14,15 +14,13 @@ computes nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from collections import Counter
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from core.settings import apply_process_defaults
+
+apply_process_defaults()  # one BLAS/OpenMP thread per process and quiet Prefect, unless the environment says otherwise
 
 from ase.build import bulk
 

@@ -21,25 +21,25 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_name, "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from core.settings import apply_process_defaults
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from pymatgen.core import Structure  # noqa: E402
+apply_process_defaults()  # one BLAS/OpenMP thread per process and quiet Prefect, unless the environment says otherwise
 
-from core.device import device_label, resolve_device  # noqa: E402
-from core.fam import FamSettings, fam_calculator, fam_outcomes  # noqa: E402
-from core.settings import get_settings, set_torch_threads  # noqa: E402
-from core.structures import excluded_reason, split_of, structure_id, to_atoms  # noqa: E402
+import numpy as np
+import torch
+from pymatgen.core import Structure
+
+from core.device import device_label, resolve_device
+from core.fam import FamSettings, fam_calculator, fam_outcomes
+from core.settings import get_settings, set_torch_threads
+from core.structures import excluded_reason, split_of, structure_id, to_atoms
 
 
 def held_out_binaries(data: Path, n: int, max_sites: int) -> list[tuple[str, Structure, float]]:

@@ -18,19 +18,21 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from core.settings import apply_process_defaults
+
+apply_process_defaults()  # one BLAS/OpenMP thread per process and quiet Prefect, unless the environment says otherwise
 
 import numpy as np
 import torch
 
-from core.cgcnn import PRESETS, code_hash, mae_metrics
+from core.cgcnn import PRESETS, mae_metrics
 from core.dedup import find_duplicates
 from core.structures import from_row
 from storage import Lake
 from storage.ingest import ingest
-from tasks.train import labeled_snapshot, load_predictor, train_predictor
+from storage.registry import PREDICTOR_KIND
+from tasks.train import load_predictor, train_model, training_data
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SOURCES = ("elastic_tensor_2015.json.gz", "mp-binary-elasticity-2025.1-train.json.gz")
@@ -80,14 +82,14 @@ def main() -> None:
 
     lake = seeded_lake(args.lake)
     config = PRESETS.resolve(args.config)
-    snapshot = labeled_snapshot(lake.url)
+    snapshot = training_data(lake.url)
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"\nconfig {args.config}: {config.n_models} members, max {config.max_epochs} epochs, device {device}, "
         f"{args.threads} thread(s); {len(snapshot.rows)} labeled structures"
     )
     start = time.perf_counter()
-    result = train_predictor.fn(lake.url, config.model_dump(mode="json"), snapshot.data_hash, code_hash())
+    result = train_model.fn(lake.url, PREDICTOR_KIND, config.model_dump(mode="json"), snapshot.data_hash)
     wall = time.perf_counter() - start
     metrics = result["metrics"]
 
@@ -110,7 +112,7 @@ def main() -> None:
         f"ensemble of {config.n_models}:      test MAE log10 {test['ensemble']['mae_log10']:.4f}, "
         f"{test['ensemble']['mae_gpa']:.2f} GPa (mean spread {test['mean_log10_std']:.4f} log10)"
     )
-    print(f"training + evaluation wall time: {wall:.0f} s; parity plot: {lake.url}/{result['parity_plot']}")
+    print(f"training + evaluation wall time: {wall:.0f} s; parity plot: {lake.url}/{result['figures']['parity']}")
     leakage_check(lake, result["model_id"], snapshot.rows)
     ok_mae = test["ensemble"]["mae_log10"] <= TARGET_MAE_LOG10
     ok_time = wall < TARGET_SECONDS

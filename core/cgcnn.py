@@ -37,7 +37,7 @@ from core import graphs as graphs_module
 from core.device import resolve_device
 from core.graphs import CrystalGraph, GraphBatch, GraphConfig, atom_feature_table, collate
 from core.presets import Presets
-from core.provenance import settings_hash, source_hash
+from core.provenance import settings_hash
 
 CHECKPOINT_FORMAT = "matloop-cgcnn/1"
 
@@ -93,11 +93,6 @@ PRESETS: Presets[CGCNNConfig] = Presets(
 
 ConfigName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 """The named CGCNN configs, as a type: a form shows them as choices."""
-
-
-def code_hash() -> str:
-    """Hash of this module's source and of every ``core`` module it imports: part of a trained model's cache key."""
-    return source_hash(__name__)
 
 
 # ---------- model ----------

@@ -36,6 +36,11 @@ def failure_text(exc: BaseException, max_attempts: int) -> str:
     return f"{failure.failure.value} {when}: {failure.message}"
 
 
+def failed_outcome(structure_id: str, reason: str) -> StructureOutcome:
+    """A structure that could not be labeled at all (its relaxation failed, its input is missing)."""
+    return StructureOutcome(structure_id=structure_id, verdict="failed", reason=reason)
+
+
 def dft_outcome(
     structure_id: str, relaxed_id: str, method: str, result: ElasticResult, errors: Mapping[str, str]
 ) -> StructureOutcome:

@@ -1,22 +1,16 @@
-"""The ``label`` flow (stage III): DFT relaxation, elastic tensor, K_vrh and Born stability of the
-candidates that passed the FAM screen; ``fam_pass`` -> ``labeled`` | ``failed``.
+"""The ``label`` flow (stage III): the candidates that passed the FAM screen, ``fam_pass`` -> ``labeled`` | ``failed``.
 
-Per structure: one relaxation job, then one job per strain and EOS point of the relaxed cell
-(``core.elastic.deformations``), fanned out on the chosen task runner (``deployments.runners``: in-process
-threads, a local Dask cluster, or SLURM jobs). The tensor is fitted only from a complete strain set
-(``core.elastic.fit``), and ``core.labeling`` decides each structure's outcome; a point that still fails
-after its retries leaves the candidate ``failed`` with the missing labels in its reason.
-
-Results: ``properties`` rows with method ``dft:<code>/<physics hash>`` on the relaxed structure
-(a ``structures`` row with source ``dft-relaxed`` when relaxing changed its id), so the structure
-joins ``storage.queries.labeled_k_vrh``; the candidate row gets dft_method/dft_k/dft_verdict/
-dft_reason. Only candidates still at ``fam_pass`` are read, so a rerun picks up exactly the
-structures without a terminal state, and the task cache makes finished jobs free.
+Per structure: one relaxation job, then one job per strain and EOS point of the relaxed cell, fanned out on the
+task runner ``deployments.runners`` chooses (threads, a local Dask cluster, SLURM jobs); ``core.labeling`` decides
+each outcome (no fit from a partial strain set) and ``storage.records`` writes the DFT rows. Only candidates still
+at ``fam_pass`` are read, so a rerun picks up exactly the structures without a terminal state, and the task cache
+makes finished jobs free.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -25,10 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.dft import PRESETS, DftSettings, resolve
 from core.dft import PresetName as DftPreset
-from core.elastic import ElasticSettings, deformations, fit
+from core.elastic import ElasticResult, ElasticSettings, deformations, fit
 from core.failures import FaultInjection
-from core.labeling import StructureOutcome, dft_outcome, failure_text, fam_label_outcome, labeling_order
-from core.settings import SlurmOptions, apply_process_defaults
+from core.labeling import (
+    StructureOutcome,
+    dft_outcome,
+    failed_outcome,
+    failure_text,
+    fam_label_outcome,
+    labeling_order,
+)
+from core.settings import SlurmOptions
 from core.structures import from_atoms, from_row, to_atoms
 from deployments.runners import Runner, task_runner
 from flows.locking import stage_lock
@@ -91,43 +92,23 @@ class LabelParams(LabelSettings):
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
 
-@flow(name="label-dft", log_prints=True)
-def label_dft(lake_url: str, iteration: int, work: list[dict[str, Any]], params: LabelParams) -> list[StructureOutcome]:
-    """Run the DFT jobs of ``work`` (structure_id, atoms, candidates) on this flow's task runner and
-    write each structure's results as soon as its strain set is complete."""
-    logger = get_run_logger()
-    lake = Lake(lake_url)
-    run_id = runtime_flow_run.get_id()
-    base = params.settings()
-    retries = params.max_attempts - 1
-    relax_task = in_lake(dft_relax, lake_url).with_options(retries=retries)
-    point_task = in_lake(dft_point, lake_url).with_options(retries=retries)
+@dataclass
+class StrainSet:
+    """One structure's DFT work in flight: its relaxed cell, the strain/EOS plan and one future per point."""
 
-    relax_futures = {
-        item["structure_id"]: relax_task.submit(
-            lake_url,
-            item["structure_id"],
-            item["atoms"],
-            resolve(base, atoms_from_dict(item["atoms"])),
-            params.faults,
-            params.max_attempts,
-        )
-        for item in work
-    }
-    outcomes: dict[str, StructureOutcome] = {}
-    pending: dict[str, tuple[Any, list[Any], dict[str, Any], DftSettings, float]] = {}
-    for item in work:
-        sid = item["structure_id"]
-        try:
-            relaxed_info = relax_futures[sid].result()
-        except Exception as exc:
-            outcomes[sid] = StructureOutcome(
-                structure_id=sid, verdict="failed", reason="relax " + failure_text(exc, params.max_attempts)
-            )
-            record_label(lake, iteration, item["candidates"], outcomes[sid], run_id)
-            continue
+    relaxed: Any
+    plan: list[Any]
+    settings: DftSettings
+    energy: float
+    futures: dict[str, Any]
+
+    @classmethod
+    def submit(
+        cls, point_task: Any, lake_url: str, sid: str, relaxed_info: dict[str, Any], params: LabelParams
+    ) -> StrainSet:
+        """One job per point of the relaxed cell, with the settings the relaxation succeeded with (k-mesh fixed
+        on the relaxed cell)."""
         relaxed = atoms_from_dict(relaxed_info["atoms"])
-        # The strain set uses the settings the relaxation succeeded with, k-mesh fixed on the relaxed cell.
         settings = resolve(DftSettings.model_validate({**relaxed_info["settings"], "kpts": None}), relaxed)
         plan = deformations(relaxed, params.elastic)
         futures = {
@@ -143,27 +124,68 @@ def label_dft(lake_url: str, iteration: int, work: list[dict[str, Any]], params:
             )
             for d in plan
         }
-        pending[sid] = (relaxed, plan, futures, settings, relaxed_info["energy"])
-        logger.info("%s relaxed in %d steps; %d strain/EOS jobs submitted", sid, relaxed_info["n_steps"], len(plan))
+        return cls(relaxed, plan, settings, relaxed_info["energy"], futures)
 
-    for item in work:
-        sid = item["structure_id"]
-        if sid not in pending:
-            continue
-        relaxed, plan, futures, settings, energy = pending[sid]
+    def collect(self, params: LabelParams) -> tuple[ElasticResult, dict[str, str]]:
+        """Wait for every point; the tensor fitted from the complete set, and the error of each point that failed."""
         results: dict[str, Any] = {}
         errors: dict[str, str] = {}
-        for label_, future in futures.items():
+        for point, future in self.futures.items():
             try:
                 value = future.result()
-                results[label_] = (value["stress"], value["energy"])
+                results[point] = (value["stress"], value["energy"])
             except Exception as exc:
-                results[label_] = None
-                errors[label_] = failure_text(exc, params.max_attempts)
-        result = fit(relaxed, plan, results, params.elastic)
-        relaxed_id = record_dft_results(lake, iteration, sid, from_atoms(relaxed), energy, settings, result, run_id)
-        outcomes[sid] = dft_outcome(sid, relaxed_id, settings.method, result, errors)
-        record_label(lake, iteration, item["candidates"], outcomes[sid], run_id)
+                results[point], errors[point] = None, failure_text(exc, params.max_attempts)
+        return fit(self.relaxed, self.plan, results, params.elastic), errors
+
+
+@flow(name="label-dft", log_prints=True)
+def label_dft(lake_url: str, iteration: int, work: list[dict[str, Any]], params: LabelParams) -> list[StructureOutcome]:
+    """Run the DFT jobs of ``work`` (structure_id, atoms, candidates) on this flow's task runner and
+    write each structure's results as soon as its strain set is complete."""
+    logger = get_run_logger()
+    lake, run_id = Lake(lake_url), runtime_flow_run.get_id()
+    base = params.settings()
+    relax_task = in_lake(dft_relax, lake_url).with_options(retries=params.max_attempts - 1)
+    point_task = in_lake(dft_point, lake_url).with_options(retries=params.max_attempts - 1)
+    relaxing = {
+        item["structure_id"]: relax_task.submit(
+            lake_url,
+            item["structure_id"],
+            item["atoms"],
+            resolve(base, atoms_from_dict(item["atoms"])),
+            params.faults,
+            params.max_attempts,
+        )
+        for item in work
+    }
+    outcomes: dict[str, StructureOutcome] = {}
+    in_flight: dict[str, StrainSet] = {}
+    for item in work:  # every relaxation first, so the strain sets of all structures run side by side
+        sid = item["structure_id"]
+        try:
+            relaxed_info = relaxing[sid].result()
+        except Exception as exc:
+            outcomes[sid] = failed_outcome(sid, "relax " + failure_text(exc, params.max_attempts))
+            record_label(lake, iteration, item["candidates"], outcomes[sid], run_id)
+            continue
+        in_flight[sid] = StrainSet.submit(point_task, lake_url, sid, relaxed_info, params)
+        logger.info(
+            "%s relaxed in %d steps; %d strain/EOS jobs submitted",
+            sid,
+            relaxed_info["n_steps"],
+            len(in_flight[sid].plan),
+        )
+    for item in work:
+        sid = item["structure_id"]
+        if sid in in_flight:
+            jobs = in_flight[sid]
+            result, errors = jobs.collect(params)
+            relaxed_id = record_dft_results(
+                lake, iteration, sid, from_atoms(jobs.relaxed), jobs.energy, jobs.settings, result, run_id
+            )
+            outcomes[sid] = dft_outcome(sid, relaxed_id, jobs.settings.method, result, errors)
+            record_label(lake, iteration, item["candidates"], outcomes[sid], run_id)
     return [outcomes[item["structure_id"]] for item in work]
 
 
@@ -208,22 +230,22 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
             return [_label_with_fam(lake, params.iteration, by_structure[sid], relaxed.get(sid), run_id) for sid in ids]
         # DFT starts from the stage-II geometry: near a PBE minimum already, so the DFT relaxation is short.
         rows = generated | relaxed
-        work, outcomes = [], []
-        for sid in ids:
-            if sid not in rows:
-                outcome = StructureOutcome(
-                    structure_id=sid, verdict="failed", reason="bad_input at once: no structures row for this candidate"
-                )
-                record_label(lake, params.iteration, by_structure[sid], outcome, run_id)
-                outcomes.append(outcome)
-                continue
-            work.append(
-                {
-                    "structure_id": sid,
-                    "atoms": atoms_to_dict(to_atoms(from_row(rows[sid]))),
-                    "candidates": by_structure[sid],
-                }
-            )
+        outcomes = [
+            failed_outcome(sid, "bad_input at once: no structures row for this candidate")
+            for sid in ids
+            if sid not in rows
+        ]
+        for outcome in outcomes:
+            record_label(lake, params.iteration, by_structure[outcome.structure_id], outcome, run_id)
+        work = [
+            {
+                "structure_id": sid,
+                "atoms": atoms_to_dict(to_atoms(from_row(rows[sid]))),
+                "candidates": by_structure[sid],
+            }
+            for sid in ids
+            if sid in rows
+        ]
         logger.info(
             "iteration %d: labeling %d structures with preset %r on %s",
             params.iteration,
@@ -231,7 +253,6 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
             params.preset,
             params.runner,
         )
-        apply_process_defaults()  # DFT jobs on threads of this process: BLAS limited to MATLOOP_THREADS each
         if work:
             runner = task_runner(params.runner, params.workers, params.slurm)
             outcomes += label_dft.with_options(task_runner=runner)(lake.url, params.iteration, work, params)

@@ -132,9 +132,8 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     """
     # stage I pulls in the predictor stack: loaded only when it runs
     from core.screening import GNN_OUTCOMES, gnn_verdicts
-    from storage.registry import resolve_model
+    from storage.registry import PREDICTOR_KIND, resolve_model
     from tasks.predict import predict_k
-    from tasks.train import PREDICTOR_KIND
 
     if tolerance <= 0:
         raise ValueError(f"tolerance must be positive, got {tolerance}")

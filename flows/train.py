@@ -1,7 +1,8 @@
 """The ``train`` flow: train what is asked (the CGCNN predictor, the generator) on the current labeled data.
 
-The predictor task is cached on (lake, config, data hash, code hash), so rerunning the flow on
-unchanged data returns the registered model without training. The flow publishes a Prefect table
+Both kinds go through one cached task, ``tasks.train.train_model``, keyed on (lake, kind, config, data hash,
+parent, weighting, code hash): rerunning the flow on unchanged data returns the registered models without
+training. The flow publishes a Prefect table
 artifact of the predictor's metrics (ensemble and each member, validation and test) and links the
 parity plot saved in the lake under ``figures/``.
 """
@@ -16,15 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.cgcnn import PRESETS as PREDICTOR_PRESETS
 from core.cgcnn import ConfigName as CGCNNConfigName
-from core.cgcnn import code_hash
+from core.generator.configs import PRESETS as GENERATOR_PRESETS
 from core.generator.configs import PresetName as GeneratorPreset
 from flows.locking import stage_lock
 from storage import Lake
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
+from storage.registry import GENERATOR_KIND, PREDICTOR_KIND, ModelKind
 from tasks.common import in_lake
-from tasks.train import labeled_snapshot, train_predictor
+from tasks.train import train_model, training_data
 
 What = Literal["predictor", "generator"]
+KINDS: dict[str, ModelKind] = {"predictor": PREDICTOR_KIND, "generator": GENERATOR_KIND}
+"""A form's model names -> the registry's kinds."""
 
 
 class TrainSettings(BaseModel):
@@ -87,19 +91,14 @@ def metrics_table(model_id: str, metrics: dict[str, Any]) -> list[dict[str, Any]
     return rows
 
 
-def _train_generator(params: TrainParams, lake_url: str) -> str:
-    """The single dispatch point for generator training (imported late: it loads the generator code)."""
-    from tasks.train_generator import train_generator
-
-    return in_lake(train_generator, lake_url)(
-        lake_url,
-        params.generator_config,
-        params.parent_generator,
-        params.new_label_weight,
-        params.feedback,
-        params.model_seed,
-        params.labels_before,
-    )
+def _config(params: TrainParams, kind: ModelKind) -> dict[str, Any]:
+    """The named config of ``kind`` with the form's overrides and training seed applied."""
+    seed = {} if params.model_seed is None else {"seed": params.model_seed}
+    if kind == PREDICTOR_KIND:
+        config = PREDICTOR_PRESETS.resolve(params.predictor_config, {**params.predictor_overrides, **seed})
+    else:
+        config = GENERATOR_PRESETS.resolve(params.generator_config, seed)
+    return config.model_dump(mode="json")
 
 
 @flow(name="train", log_prints=True)
@@ -113,35 +112,28 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
     lake = Lake(params.lake_url)
     with stage_lock(lake, "train", params.loop_run_id):
         logger = get_run_logger()
-        lake_url = lake.url
+        data = training_data(lake.url, params.new_label_weight, params.feedback, params.labels_before)
+        logger.info("%d labeled structures (data hash %s)", len(data.rows), data.data_hash)
         trained: dict[str, str] = {}
-        if "predictor" in params.what:
-            seed = {} if params.model_seed is None else {"seed": params.model_seed}
-            config = PREDICTOR_PRESETS.resolve(params.predictor_config, {**params.predictor_overrides, **seed})
-            snapshot = labeled_snapshot(lake_url, params.labels_before)
-            logger.info(
-                "predictor: %d labeled structures (data hash %s), config %s",
-                len(snapshot.rows),
-                snapshot.data_hash,
-                params.predictor_config,
-            )
-            result = in_lake(train_predictor, lake_url)(
-                lake_url,
-                config.model_dump(mode="json"),
-                snapshot.data_hash,
-                code_hash(),
-                params.parent_predictor,
+        for what in params.what:
+            kind = KINDS[what]
+            result = in_lake(train_model, lake.url)(
+                lake.url,
+                kind,
+                _config(params, kind),
+                data.data_hash,
+                params.parent_predictor if kind == PREDICTOR_KIND else params.parent_generator,
                 params.new_label_weight,
                 params.feedback,
                 params.labels_before,
             )
-            trained["predictor"] = result["model_id"]
-            create_table_artifact(
-                table=metrics_table(result["model_id"], result["metrics"]),
-                key="predictor-metrics",
-                description=f"CGCNN {result['model_id']}: MAE of log10 K_vrh and in GPa. "
-                f"Parity plot: {lake_url}/{result['parity_plot']}",
-            )
-        if "generator" in params.what:
-            trained["generator"] = _train_generator(params, lake_url)
+            trained[what] = result["model_id"]
+            if kind == PREDICTOR_KIND:
+                parity = result["figures"].get("parity", f"figures/parity-{result['model_id']}.png")
+                create_table_artifact(
+                    table=metrics_table(result["model_id"], result["metrics"]),
+                    key="predictor-metrics",
+                    description=f"CGCNN {result['model_id']}: MAE of log10 K_vrh and in GPa. "
+                    f"Parity plot: {lake.url}/{parity}",
+                )
         return trained

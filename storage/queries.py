@@ -59,17 +59,6 @@ def labeled_k_vrh(lake: Lake, split: str | None = None, labels_before: int | Non
     )
 
 
-def training_rows(lake: Lake, labels_before: int | None = None) -> list[dict]:
-    """What models learn from: labeled train-split rows with K > 0, plus every loop-labeled structure
-    (of iterations before ``labels_before`` when given).
-
-    The fixed split keeps seed-data evaluation honest; a structure the loop paid to label is never
-    spent on validation or test.
-    """
-    rows = labeled_k_vrh(lake, labels_before=labels_before).to_pylist()
-    return [r for r in rows if r["k_vrh"] > 0 and (r["split"] == "train" or r["from_loop"])]
-
-
 def funnel(lake: Lake, iteration: int) -> list[dict]:
     """Per target: candidates reaching each stage, CGCNN and FAM MAPE, labeled-K statistics, stage-II survival.
 

@@ -14,11 +14,16 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from core.provenance import canonical_json, settings_hash
 from core.settings import get_settings
 from storage.lake import Lake
+
+PREDICTOR_KIND = "cgcnn"
+GENERATOR_KIND = "generator"
+ModelKind = Literal["cgcnn", "generator"]
+"""The kinds of model the platform trains (``models.kind``)."""
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._+-]+$")
 

@@ -22,9 +22,8 @@ from core.metrics import mape, validity
 from core.structures import from_row, to_row
 from storage.lake import Lake
 from storage.queries import labeled_k_vrh
-from storage.registry import ModelNotFoundError, checkpoint_path, resolve_model
+from storage.registry import GENERATOR_KIND, ModelNotFoundError, checkpoint_path, resolve_model
 from tasks.common import compute_task, run_logger
-from tasks.train_generator import GENERATOR_KIND
 
 STAGE = "generate"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from pymatgen.core import Structure
-from test_generate_flow import registered, seeded_lake  # noqa: F401  (fixtures)
+from test_generate_flow import registered, seeded_lake, train_split  # noqa: F401  (fixtures)
 from test_generator import TINY, metallic_records
 
 from core.cgcnn import CGCNN, train_member
@@ -18,11 +18,11 @@ from core.graphs import graph_of_row
 from core.structures import from_row, split_of, structure_id, to_row
 from flows.active_learning import LoopParams, _stage_params
 from flows.label import LabelParams, label
+from flows.train import TrainParams, train
 from storage.candidates import advance
-from storage.queries import LOOP_LABEL_FLAG, labeled_k_vrh, training_rows
-from storage.registry import checkpoint_path, resolve_model
-from tasks.train import labeled_snapshot, split_rows
-from tasks.train_generator import GENERATOR_KIND, train_generator, training_set
+from storage.queries import LOOP_LABEL_FLAG
+from storage.registry import GENERATOR_KIND, checkpoint_path, resolve_model
+from tasks.train import training_data
 
 
 def _params(module: torch.nn.Module) -> torch.Tensor:
@@ -45,17 +45,17 @@ def test_generator_finetune_starts_from_the_trained_model(registered):  # noqa: 
     lake, model_id = registered
     parent = load_generator(checkpoint_path(lake, resolve_model(lake, GENERATOR_KIND, model_id)), device="cpu")
     before = _params(parent.vae).clone()
-    data = training_set(lake.url)
+    structures, k_vrh, rows = train_split(lake.url)
     slow = parent.config.model_copy(
         update={"finetune_epochs": 1, "finetune_prior_epochs": 1, "finetune_lr_scale": 1e-6}
     )
     parent.config = slow
-    metrics = parent.finetune(data.structures(), data.k_vrh)
+    metrics = parent.finetune(structures, k_vrh)
     after = _params(parent.vae)
-    assert metrics["finetuned"] and metrics["n_train"] == len(data.rows)
+    assert metrics["finetuned"] and metrics["n_train"] == len(rows)
     assert torch.allclose(before, after, atol=1e-3)  # a tiny step from the parent, not a fresh network
     fresh = CDVAEGenerator(TINY.model_copy(update={"vae_epochs": 1, "prior_epochs": 1}), device="cpu")
-    fresh.train(data.structures(), data.k_vrh)
+    fresh.train(structures, k_vrh)
     assert not torch.allclose(before, _params(fresh.vae), atol=1e-3)
 
 
@@ -115,27 +115,25 @@ def _loop_labeled(lake, n: int = 3) -> list[str]:
 def test_loop_labels_all_go_to_training_with_their_weight(seeded_lake):  # noqa: F811
     ids = _loop_labeled(seeded_lake)
     assert any(split_of(i) != "train" for i in ids)
-    rows = training_rows(seeded_lake)
-    loop = [r for r in rows if r["from_loop"]]
-    assert sorted(r["structure_id"] for r in loop) == sorted(ids)
-    by_split = split_rows(labeled_k_vrh(seeded_lake).to_pylist())
+    data = training_data(seeded_lake.url, new_label_weight=7.0)
+    assert sorted(r["structure_id"] for r in data.rows if r["from_loop"]) == sorted(ids)
+    by_split = data.by_split
     assert {r["structure_id"] for r in by_split["train"]} >= set(ids)
     assert not {r["structure_id"] for r in by_split["val"] + by_split["test"]} & set(ids)
-    data = training_set(seeded_lake.url, new_label_weight=7.0)
-    assert sorted(w for w, r in zip(data.weights, data.rows, strict=True) if r["from_loop"]) == [7.0] * len(ids)
-    assert set(data.weights) == {1.0, 7.0}
-    assert not any(r["from_loop"] for r in training_set(seeded_lake.url, feedback=False).rows)
+    weights = data.train_weights
+    assert sorted(w for w, r in zip(weights, by_split["train"], strict=True) if r["from_loop"]) == [7.0] * len(ids)
+    assert set(weights) == {1.0, 7.0}
+    assert not any(r["from_loop"] for r in training_data(seeded_lake.url, feedback=False).rows)
 
 
 def test_an_iteration_trains_on_labels_of_earlier_iterations_only(seeded_lake):  # noqa: F811
     """A resumed iteration must not see the labels its own killed first attempt wrote (same models, same ids)."""
     ids = _loop_labeled(seeded_lake)  # labels of iteration 0
-    seed_only = {r["structure_id"] for r in training_rows(seeded_lake, labels_before=0)}
+    seed_only = set(training_data(seeded_lake.url, labels_before=0).structure_ids)
     assert not seed_only & set(ids)
-    assert {r["structure_id"] for r in training_rows(seeded_lake, labels_before=1)} == seed_only | set(ids)
-    assert training_set(seeded_lake.url, labels_before=0).data_hash != training_set(seeded_lake.url).data_hash
-    assert training_set(seeded_lake.url, labels_before=1).data_hash == training_set(seeded_lake.url).data_hash
-    assert labeled_snapshot(seeded_lake.url, 0).data_hash != labeled_snapshot(seeded_lake.url, 1).data_hash
+    assert set(training_data(seeded_lake.url, labels_before=1).structure_ids) == seed_only | set(ids)
+    assert training_data(seeded_lake.url, labels_before=0).data_hash != training_data(seeded_lake.url).data_hash
+    assert training_data(seeded_lake.url, labels_before=1).data_hash == training_data(seeded_lake.url).data_hash
     params = LoopParams(lake_url=seeded_lake.url, size="demo")
     assert _stage_params(params, seeded_lake, 3)["train"].labels_before == 3
 
@@ -143,7 +141,7 @@ def test_an_iteration_trains_on_labels_of_earlier_iterations_only(seeded_lake): 
 def test_a_fam_loop_label_on_a_seed_structure_is_refused_unless_flagged(seeded_lake):  # noqa: F811
     """A FAM K the stage-II screen wrote (no loop_label flag) is not a training label."""
     _loop_labeled(seeded_lake, 1)
-    n_before = len(training_rows(seeded_lake))
+    n_before = len(training_data(seeded_lake.url).rows)
     row = seeded_lake.query("SELECT * FROM structures WHERE source = 'fam-relaxed'").to_pylist()[0]
     other = {**row, "structure_id": "x" * 16}
     seeded_lake.append("structures", [other])
@@ -151,7 +149,7 @@ def test_a_fam_loop_label_on_a_seed_structure_is_refused_unless_flagged(seeded_l
         "properties",
         [{"structure_id": other["structure_id"], "name": "k_vrh", "value": 10.0, "method": "fam:sevennet-0"}],
     )
-    assert len(training_rows(seeded_lake)) == n_before
+    assert len(training_data(seeded_lake.url).rows) == n_before
 
 
 def test_fine_tuning_gets_the_parent_weights_and_records_the_parent(registered, prefect_server, monkeypatch):  # noqa: F811
@@ -166,7 +164,8 @@ def test_fine_tuning_gets_the_parent_weights_and_records_the_parent(registered, 
         return original(self, structures, k_vrh, weights=weights, progress=progress)
 
     monkeypatch.setattr(CDVAEGenerator, "finetune", spy)
-    child = train_generator(lake.url, "small", parent_model_id=parent_id, new_label_weight=5.0)
+    params = TrainParams(lake_url=lake.url, what=["generator"], parent_generator=parent_id, new_label_weight=5.0)
+    child = train(params)["generator"]
     assert child != parent_id
     assert sorted(seen["weights"]).count(5.0) == len(ids)  # the weighting reached the model
     parent = resolve_model(lake, GENERATOR_KIND, parent_id)
@@ -175,7 +174,7 @@ def test_fine_tuning_gets_the_parent_weights_and_records_the_parent(registered, 
     assert record.config["parent_model_id"] == parent_id and record.config["new_label_weight"] == 5.0
     assert set(ids) <= set(record.data_snapshot)
     # a rerun with the same data, code, parent and weighting returns the registered model
-    assert train_generator(lake.url, "small", parent_model_id=parent_id, new_label_weight=5.0) == child
+    assert train(params)["generator"] == child
 
 
 def test_label_source_fam_promotes_stage_two_k_to_a_marked_training_label(seeded_lake, prefect_server):  # noqa: F811

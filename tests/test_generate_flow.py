@@ -11,12 +11,20 @@ from test_generator import TINY, metallic_records
 from typer.testing import CliRunner
 
 from core.generator import CDVAEGenerator
+from core.structures import from_row
 from flows.cli import app
 from flows.generate import GenerateParams, generate
+from flows.train import TrainParams, train
 from storage.candidates import current
 from storage.ingest import ingest
-from storage.registry import latest_model, register_model
-from tasks.train_generator import GENERATOR_KIND, train_generator, training_set
+from storage.registry import GENERATOR_KIND, latest_model, register_model
+from tasks.train import training_data
+
+
+def train_split(lake_url: str, **kwargs):
+    """(structures, K, rows) of the training data's train split, as the generator is fit on it."""
+    rows = training_data(lake_url, **kwargs).by_split["train"]
+    return [from_row(r) for r in rows], [float(r["k_vrh"]) for r in rows], rows
 
 
 @pytest.fixture
@@ -31,11 +39,12 @@ def seeded_lake(lake, shared_data, tmp_path):
 
 @pytest.fixture
 def registered(seeded_lake, tmp_path):
-    """A tiny generator trained on the lake's train split and registered like train_generator does."""
+    """A tiny generator trained on the lake's train split and registered like tasks.train.train_model does."""
     torch.set_num_threads(1)
-    data = training_set(seeded_lake.url)
+    data = training_data(seeded_lake.url)
+    structures, k_vrh, _ = train_split(seeded_lake.url)
     generator = CDVAEGenerator(TINY, device="cpu")
-    metrics = generator.train(data.structures(), data.k_vrh)
+    metrics = generator.train(structures, k_vrh)
     record = register_model(
         seeded_lake,
         kind=GENERATOR_KIND,
@@ -102,12 +111,13 @@ def test_generate_command_writes_cif_extxyz_and_scores(registered, tmp_path):
 
 @pytest.mark.slow
 def test_train_generator_registers_and_is_cached(seeded_lake, prefect_server):
-    model_id = train_generator(seeded_lake.url, "small")
+    params = TrainParams(lake_url=seeded_lake.url, what=["generator"])
+    model_id = train(params)["generator"]
     record = latest_model(seeded_lake, GENERATOR_KIND)
     assert record.model_id == model_id and record.config["name"] == "small"
-    assert record.data_hash == training_set(seeded_lake.url).data_hash
-    assert record.metrics["n_train"] == len(record.data_snapshot) and record.metrics["device"] == "cpu"
-    assert train_generator(seeded_lake.url, "small") == model_id  # unchanged data, config, code: no retraining
+    assert record.data_hash == training_data(seeded_lake.url).data_hash
+    assert record.metrics["n_train"] == len(train_split(seeded_lake.url)[2]) and record.metrics["device"] == "cpu"
+    assert train(params)["generator"] == model_id  # unchanged data, config, code: no retraining
     assert seeded_lake.query("SELECT count(*) AS n FROM models_history").to_pylist()[0]["n"] == 1
 
 
