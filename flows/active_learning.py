@@ -273,6 +273,7 @@ def report(lake: Lake, params: LoopParams, iteration: int, rows: list[dict[str, 
     lines += ["| " + " | ".join(_fmt(r[k]) for k in _FUNNEL_COLUMNS) + " |" for r in rows]
     walls = json.loads(rows[0]["wall_times_json"]) if rows else {}
     lines += ["", "Wall time per stage: " + (", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) or "-"), ""]
+    lines += cost_lines(lake, iteration)
     lines += ["## Plots", "", *links]
     create_markdown_artifact("\n".join(lines), key=f"iteration-{iteration}", description=f"Iteration {iteration}")
 
@@ -294,6 +295,26 @@ _FUNNEL_COLUMNS = (
 )
 
 
+def cost_lines(lake: Lake, iteration: int) -> list[str]:
+    """The iteration's cost ledger as markdown: per stage, and per discovery (``storage.ledger``)."""
+    stages = lake.query("SELECT * FROM cost_per_stage WHERE iteration = ?", [iteration]).to_pylist()
+    per = lake.query("SELECT * FROM cost_per_discovery WHERE iteration = ?", [iteration]).to_pylist()
+    lines = ["## Cost", "", "| stage | jobs | failed | wall (s) | CPU (s) | GPU (s) |", "|---|---|---|---|---|---|"]
+    lines += [
+        f"| {r['stage']} | {r['n_jobs']} | {r['n_failed']} | {_seconds(r['wall_s'])} | {_seconds(r['cpu_s'])} | "
+        f"{_seconds(r['gpu_s'])} |"
+        for r in stages
+    ]
+    if per and per[0]["n_discovered"]:
+        lines += [
+            "",
+            f"{per[0]['n_discovered']} structures labeled within 20 % of target: "
+            f"{_fmt(per[0]['cpu_hours_per_discovery'])} CPU-hours and {_fmt(per[0]['gpu_hours_per_discovery'])} "
+            "GPU-hours each (`SELECT * FROM cost_per_discovery`).",
+        ]
+    return [*lines, ""]
+
+
 def embedded_image(png: Path, title: str) -> str:
     """A markdown image carrying the PNG itself (data URI): the Prefect UI shows it with no file server."""
     return f"![{title}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
@@ -303,3 +324,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}" if value < 10 else f"{value:.0f}"

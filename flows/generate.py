@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import current, record_generated
+from storage.records import record_work
 from tasks.common import in_lake
 from tasks.generate import load_registered_generator, sample_candidates
 
@@ -95,6 +96,17 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
                 params.ranker,
             )
             stats = result["stats"]
+            record_work(
+                lake,
+                "generate",
+                f"generate-{params.iteration}-{float(target):g}-{model_id}-{params.seed}",
+                "sample",
+                {"n_kept": params.n_kept, "samples_per_kept": params.samples_per_kept, "ranker": params.ranker},
+                result["cost"],
+                result["device"],
+                params.iteration,
+                run_id,
+            )  # before the candidates: a rerun after a kill between the two writes no twin and loses no cost
             written = record_generated(lake, params.iteration, model_id, float(target), result["kept"], run_id, stats)
             summary.append(
                 {

@@ -178,7 +178,6 @@ def screen_fam(
     "rejected", "errors", "reasons"}``.
     """
     from core.fam import FamOutcome
-    from core.provenance import settings_hash
     from core.screening import fam_verdicts
     from tasks.fam import fam_batch, resolve_model, structure_input
 
@@ -196,7 +195,6 @@ def screen_fam(
         return counts
     ids = sorted({c["structure_id"] for c in todo})
     rows = {r["structure_id"]: r for r in structure_rows(lake, ids)}  # raises LookupError naming missing ids
-    shash = settings_hash({"model": model, "settings": settings})
     run_id = _run_id()
     task = in_lake(fam_batch, lake_url)
     reasons: Counter[str] = Counter()
@@ -212,7 +210,7 @@ def screen_fam(
         chunk = ids[start : start + batch_size]
         results = {r["structure_id"]: r for r in task([structure_input(rows[s]) for s in chunk], model, settings)}
         outcomes = {sid: FamOutcome.model_validate(r["outcome"]) for sid, r in results.items()}
-        record_fam_batch(lake, iteration, results, outcomes, settings, shash, run_id)
+        record_fam_batch(lake, iteration, results, outcomes, model, settings, run_id)
         decided = fam_verdicts(todo, outcomes, tolerance)
         for update, reason in decided:
             counts[{"pass": "passed", "reject": "rejected", "error": "errors"}[update["fam_verdict"]]] += 1

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from core.provenance import code_version, new_run_id, utcnow
 from core.settings import get_settings
-from storage.schemas import KEYS, PARTITION, SCHEMAS
+from storage.ledger import LEDGER_VIEWS
+from storage.schemas import ADDED_COLUMNS, KEYS, PARTITION, SCHEMAS
 
 _SAFE_PARTITION = re.compile(r"^[A-Za-z0-9._+@-]+$")
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
@@ -293,12 +294,12 @@ class Lake:
         con = duckdb.connect()
         if not self.local:
             con.register_filesystem(self.fs)
-        for statement in self._view_sql():
-            con.execute(statement)
+        self._create_views(con)
         return con
 
-    def _view_sql(self) -> list[str]:
-        statements = []
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Every table as ``<t>_history`` (all rows) and ``<t>`` (current rows), then the derived views
+        (``storage.ledger.LEDGER_VIEWS``). A column added to a schema after a lake was written reads as NULL."""
         for table, schema in SCHEMAS.items():
             part = PARTITION[table]
             if self.files(table):
@@ -314,13 +315,20 @@ class Lake:
                     + ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in cols)
                     + " WHERE false)"
                 )
-            statements.append(f"CREATE OR REPLACE VIEW {table}_history AS SELECT * FROM {source}")
+            con.execute(f"CREATE OR REPLACE VIEW {table}_history AS SELECT * FROM {source}")
+            if table in ADDED_COLUMNS and self.files(table):
+                have = {row[0] for row in con.execute(f"DESCRIBE {table}_history").fetchall()}
+                missing = [schema.field(c) for c in ADDED_COLUMNS[table] if c not in have]
+                if missing:
+                    nulls = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in missing)
+                    con.execute(f"CREATE OR REPLACE VIEW {table}_history AS SELECT *, {nulls} FROM {source}")
             keys = ", ".join(KEYS[table])
-            statements.append(
+            con.execute(
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {table}_history "
                 f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC) = 1"
             )
-        return statements
+        for name, sql in LEDGER_VIEWS.items():
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
         """Run read-only SQL over the views; anything that would write raises ReadOnlyQueryError."""
@@ -369,8 +377,7 @@ class Lake:
         try:
             con.execute(f"ATTACH '{tmp}' AS catalog (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')")
             con.execute("USE catalog")
-            for statement in self._view_sql():
-                con.execute(statement)
+            self._create_views(con)
         finally:
             con.close()
         os.replace(tmp, target)

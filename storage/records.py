@@ -1,5 +1,6 @@
-"""What the screen and label stages write besides the candidate rows (``storage.candidates``): stage-I
-predictions, stage-II FAM results, a structure's DFT results and the FAM loop labels.
+"""What the stages write besides the candidate rows (``storage.candidates``) and the models (``storage.registry``):
+stage-I predictions, stage-II FAM results, a structure's DFT results, the FAM loop labels, and the ``jobs`` rows
+of the cost ledger (``storage.ledger``).
 
 The flows build no rows: they hand over what their tasks returned, and these functions write it in the
 shapes of ``storage.rows``. Writes a cached task's rerun would repeat use ``append_new``, so a rerun
@@ -9,13 +10,15 @@ after a kill writes each row once.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pymatgen.core import Structure
 
+from core.costs import Cost
 from core.dft import DftSettings
 from core.elastic import ElasticResult
 from core.labeling import StructureOutcome
+from core.provenance import settings_hash
 from core.structures import to_row
 from storage.lake import Lake
 from storage.queries import LOOP_LABEL_FLAG
@@ -24,8 +27,8 @@ from storage.rows import (
     Origin,
     PredictionPayload,
     elastic_rows,
-    fam_job_row,
     fam_rows,
+    job_row,
     prediction_row,
     scalar_row,
     structure_row,
@@ -50,6 +53,36 @@ def record_predictions(
         for sid, p in predictions.items()
     ]
     lake.append_new("properties", rows, run_id=run_id)
+    jobs = [
+        job_row(
+            "gnn",
+            f"gnn-{record.model_id}-{sid}",
+            "predict",
+            {"model_id": record.model_id},
+            Cost(**p["cost"]),
+            structure_id=sid,
+            device=p["device"],
+        )
+        for sid, p in predictions.items()
+    ]
+    lake.append_new("jobs", jobs, run_id=run_id)
+
+
+def record_work(
+    lake: Lake,
+    stage: Literal["train", "generate"],
+    job_id: str,
+    calculation: str,
+    settings: Mapping[str, Any],
+    cost: Mapping[str, float],
+    device: str | None,
+    iteration: int | None,
+    run_id: Any = None,
+) -> None:
+    """The ``jobs`` row of a model trained or a target sampled (work on many structures, so it names its
+    iteration); a cached rerun writes no twin."""
+    row = job_row(stage, job_id, calculation, settings, Cost(**cost), iteration=iteration, device=device)
+    lake.append_new("jobs", [row], run_id=run_id)
 
 
 def record_fam_batch(
@@ -57,22 +90,25 @@ def record_fam_batch(
     iteration: int,
     results: Mapping[str, Mapping[str, Any]],
     outcomes: Mapping[str, FamOutcome],
+    model: str,
     settings: FamSettings,
-    settings_hash: str,
     run_id: Any,
 ) -> None:
     """Stage II, one batch: a job row per structure, its FAM energy and elastic rows, and each relaxed structure
     (``results`` as ``tasks.fam.fam_batch`` returns, by structure id; ``outcomes`` parsed from them)."""
     chunk = sorted(results)
+    job_settings = {"model": model, "settings": settings}
+    shash = settings_hash(job_settings)
     jobs = [
-        fam_job_row(
-            sid,
-            outcomes[sid].model_name,
-            settings.model_dump_json(),
-            settings_hash,
+        job_row(
+            "fam",
+            f"fam-{outcomes[sid].model_name}-{sid}-{shash}",
+            "relax+elastic",
+            job_settings,
+            Cost(**results[sid]["cost"]),
+            structure_id=sid,
             error_class=outcomes[sid].error_class,
             error=outcomes[sid].error,
-            wall_time_s=results[sid]["wall_time_s"],
             host=results[sid]["host"],
             device=results[sid].get("device"),
         )
@@ -87,7 +123,7 @@ def record_fam_batch(
             outcomes[sid].model_name,
             outcomes[sid].energy_per_atom,
             outcomes[sid].elastic,
-            settings_hash,
+            shash,
             iteration,
         )
     ]

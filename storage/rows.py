@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.costs import Cost
 from core.elastic import ElasticResult
 from core.failures import FailureClass
+from core.provenance import canonical_json, settings_hash
 from core.structures import split_of
 
 MODULI: tuple[str, ...] = ("k_vrh", "k_voigt", "k_reuss", "g_vrh", "g_voigt", "g_reuss", "eos_k")
@@ -249,18 +252,22 @@ def prediction_row(
 
 
 JobState = Literal["completed", "retrying", "failed"]
+JobStage = Literal["train", "generate", "gnn", "fam", "dft"]
 
 
 class JobRow(BaseModel):
-    """One attempt of one calculation (a FAM relax + elastic batch member, a DFT relaxation or strain point)."""
+    """One attempt of one unit of work (a model trained, a generation batch, a stage-I prediction batch, a FAM
+    relax + elastic batch member, a DFT relaxation or strain point), with what it cost (``core.costs``)."""
 
     model_config = ConfigDict(extra="forbid")
 
     job_id: str
-    structure_id: str
-    stage: Literal["fam", "dft"]
+    structure_id: str | None = None
+    """The structure the job computed (FAM, DFT); None for work on many (train, generate, gnn)."""
+    stage: JobStage
     calculation: str
-    """``relax+elastic`` (FAM), ``relax`` or a strain/EOS label (DFT)."""
+    """``relax+elastic`` (FAM), ``relax`` or a strain/EOS label (DFT), the model kind (train), ``sample`` (generate),
+    ``predict`` (gnn)."""
     inputs_hash: str
     settings_json: str
     settings_hash: str
@@ -269,6 +276,11 @@ class JobRow(BaseModel):
     error_class: FailureClass | None = None
     error_message: str | None = None
     wall_time_s: float | None = None
+    cpu_s: float | None = None
+    gpu_s: float | None = None
+    iteration: int | None = None
+    """The loop iteration of a job without a structure; the ledger attributes a structure's jobs through its
+    candidates."""
     host: str | None = None
     device: str | None = None
 
@@ -277,31 +289,35 @@ class JobRow(BaseModel):
         return self.model_dump(mode="json")
 
 
-def fam_job_row(
-    structure_id: str,
-    model_name: str,
-    settings_json: str,
-    settings_hash: str,
+def job_row(
+    stage: JobStage,
+    job_id: str,
+    calculation: str,
+    settings: Mapping[str, Any] | BaseModel,
+    cost: Cost,
     *,
-    error_class: FailureClass | None,
-    error: str | None,
-    wall_time_s: float | None,
-    host: str | None,
-    device: str | None,
+    structure_id: str | None = None,
+    iteration: int | None = None,
+    error_class: FailureClass | None = None,
+    error: str | None = None,
+    host: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """The ``jobs`` row of one structure's stage-II calculation (one attempt: the FAM is deterministic)."""
+    """The ``jobs`` row of one single-attempt unit of work: a model trained, a target sampled, a structure predicted
+    (stage I) or relaxed with its elastic tensor (stage II, deterministic: one attempt). Failed iff ``error``."""
     return JobRow(
-        job_id=f"fam-{model_name}-{structure_id}-{settings_hash}",
+        job_id=job_id,
         structure_id=structure_id,
-        stage="fam",
-        calculation="relax+elastic",
-        inputs_hash=structure_id,
-        settings_json=settings_json,
-        settings_hash=settings_hash,
+        stage=stage,
+        calculation=calculation,
+        inputs_hash=structure_id or job_id,
+        settings_json=canonical_json(settings),
+        settings_hash=settings_hash(settings),
         state="failed" if error is not None else "completed",
         error_class=error_class,
         error_message=error,
-        wall_time_s=wall_time_s,
-        host=host,
+        iteration=iteration,
+        host=host or socket.gethostname(),
         device=device,
+        **cost.columns(),
     ).row()

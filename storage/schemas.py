@@ -86,8 +86,8 @@ JOBS = pa.schema(
     [
         pa.field("job_id", pa.string(), nullable=False),
         pa.field("structure_id", pa.string()),
-        pa.field("stage", pa.string(), nullable=False),  # fam | dft
-        pa.field("calculation", pa.string()),  # relax | elastic | strain:<i> | eos:<i>
+        pa.field("stage", pa.string(), nullable=False),  # train | generate | gnn | fam | dft
+        pa.field("calculation", pa.string()),  # relax | relax+elastic | <strain/EOS label> | cgcnn | generator | ...
         pa.field("inputs_hash", pa.string()),
         pa.field("settings_json", pa.string()),
         pa.field("settings_hash", pa.string()),
@@ -96,6 +96,9 @@ JOBS = pa.schema(
         pa.field("error_class", pa.string()),  # scf_unconverged | relax_unconverged | walltime | node_lost | bad_input
         pa.field("error_message", pa.string()),
         pa.field("wall_time_s", pa.float64()),
+        pa.field("cpu_s", pa.float64()),  # CPU time of the attempt (core.costs): the cost ledger
+        pa.field("gpu_s", pa.float64()),  # wall time it held a GPU; 0 on the CPU
+        pa.field("iteration", pa.int32()),  # the loop iteration, where the job is not tied to a candidate's structure
         pa.field("host", pa.string()),
         pa.field("device", pa.string()),  # cpu | cuda:0 (NVIDIA H200): where the model ran
         *_PROVENANCE,
@@ -200,6 +203,9 @@ PARTITION: dict[str, str] = {
     "generations": "iteration",
     "quarantine": "source",
 }
+
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"jobs": ("cpu_s", "gpu_s", "iteration")}
+"""Columns added to a table after lakes were written with it: their views read them as NULL from older files."""
 
 KEYS: dict[str, tuple[str, ...]] = {
     "structures": ("structure_id",),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,11 +26,13 @@ from prefect import get_run_logger
 from prefect.runtime import task_run as runtime_task_run
 from prefect.states import State
 
+from core.costs import measured
 from core.dft import DftSettings, escalate, run_point, run_relax
 from core.elastic import ElasticSettings
 from core.failures import DftFailure, FailureClass, FaultInjection, as_failure, classify_exception, is_transient
 from core.provenance import canonical_json, settings_hash
 from storage import Lake
+from storage.rows import JobRow
 from tasks.common import compute_task
 
 AtomsDict = dict[str, Any]
@@ -97,7 +98,7 @@ def _run_job(
     settings, steps = escalate(base, _earlier_failures(lake, job_id, attempt), scope)
     if steps:
         logger.info("%s %s attempt %d escalated: %s", structure_id, calculation, attempt, "; ".join(steps))
-    row: dict[str, Any] = {
+    job = {
         "job_id": job_id,
         "structure_id": structure_id,
         "stage": "dft",
@@ -109,25 +110,25 @@ def _run_job(
         "host": _host(),
         "device": "cpu",
     }
-    start = time.perf_counter()
     try:
-        faults.check(f"{structure_id}/{calculation}", calculation, attempt)
-        with tempfile.TemporaryDirectory(prefix="matloop-dft-") as workdir:
-            value = compute(settings, Path(workdir))
+        with measured(per_thread=True) as cost:  # jobs share this process on threads: count this thread's CPU only
+            faults.check(f"{structure_id}/{calculation}", calculation, attempt)
+            with tempfile.TemporaryDirectory(prefix="matloop-dft-") as workdir:
+                value = compute(settings, Path(workdir))
     except Exception as exc:
         failure = as_failure(exc)
         retrying = failure.transient and attempt < max_attempts
-        row.update(
+        row = JobRow(
+            **job,
             state="retrying" if retrying else "failed",
-            error_class=failure.failure.value,
+            error_class=failure.failure,
             error_message=failure.message[:2000],
-            wall_time_s=time.perf_counter() - start,
+            **cost.columns(),
         )
-        lake.append("jobs", [row])
+        lake.append("jobs", [row.row()])
         logger.warning("%s %s attempt %d/%d: %s", structure_id, calculation, attempt, max_attempts, failure)
         raise failure from exc
-    row.update(state="completed", wall_time_s=time.perf_counter() - start)
-    lake.append("jobs", [row])
+    lake.append("jobs", [JobRow(**job, state="completed", **cost.columns()).row()])
     return value, settings, attempt
 
 

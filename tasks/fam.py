@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import functools
 import socket
-import time
+from dataclasses import asdict
 from typing import Any
 
+from core.costs import measured
 from core.device import device_label, resolve_device
 from core.fam import (
     FamSettings,
@@ -61,16 +62,17 @@ def resolve_model(model: str) -> str:
 def fam_batch(rows: list[dict[str, Any]], model: str, settings: FamSettings) -> list[dict[str, Any]]:
     """Relax and compute the elastic tensor of each structure row; one outcome dict per row, in order.
 
-    Each dict holds ``structure_id``, ``outcome`` (FamOutcome as JSON-able dict), ``wall_time_s``
-    and ``host``. Failures of single structures are outcomes with ``error_class`` set.
+    Each dict holds ``structure_id``, ``outcome`` (FamOutcome as JSON-able dict), ``cost`` (its share of the
+    batch's ``core.costs.Cost``), ``host`` and ``device``. Failures of single structures are outcomes with
+    ``error_class`` set.
     """
     logger = run_logger()
     calc, model_name = _loaded(model, settings.dtype, str(resolve_device()))
     device = device_label(calculator_device(calc))
     logger.info("stage II: %d structures with %s on %s", len(rows), model_name, device)
-    t0 = time.perf_counter()
-    outcomes = fam_outcomes([to_atoms(from_row(r)) for r in rows], calc, model_name, settings, progress=logger.info)
-    wall = (time.perf_counter() - t0) / max(1, len(rows))  # batched work, shared evenly
+    with measured(device) as cost:
+        outcomes = fam_outcomes([to_atoms(from_row(r)) for r in rows], calc, model_name, settings, progress=logger.info)
+    share = asdict(cost.share(len(rows)))  # batched work, shared evenly
     out = []
     for i, (row, outcome) in enumerate(zip(rows, outcomes, strict=True), 1):
         k = outcome.elastic.k_vrh if outcome.elastic else None
@@ -86,7 +88,7 @@ def fam_batch(rows: list[dict[str, Any]], model: str, settings: FamSettings) -> 
             {
                 "structure_id": row["structure_id"],
                 "outcome": outcome.model_dump(mode="json"),
-                "wall_time_s": wall,
+                "cost": share,
                 "host": socket.gethostname(),
                 "device": device,
             }

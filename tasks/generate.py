@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import numpy as np
 from pymatgen.core import Structure
 
 from core.cgcnn import Ensemble
+from core.costs import measured
+from core.device import device_label
 from core.generator import Generator, generate, load_generator
 from core.metrics import mape, validity
 from core.structures import from_row, to_row
@@ -86,16 +89,33 @@ def sample_candidates(
     Returns ``kept`` (structure rows with the head's ``score``) and the batch's ``generations`` row: counts,
     validity and single-element share of all samples, the property head's MAPE on all samples and on
     the kept ones, and, with a ``grader`` checkpoint (a frozen CGCNN, never the ranker), its MAPE on both
-    and every raw sample's K for the distribution plots.
+    and every raw sample's K for the distribution plots; and what the sampling cost (``core.costs``) on which device.
     """
     logger = run_logger()
     _, generator = load_registered_generator(lake_url, model_id)
+    device = device_label(generator.device)
+    with measured(device) as cost:
+        stats, rows = _sample(generator, target, n_kept, samples_per_kept, seed, grader, ranker)
+        stats["generator_model_id"] = model_id
+    logger.info("target %.0f GPa: %s", target, {k: v for k, v in stats.items() if not k.endswith("_json")})
+    return {"kept": rows, "stats": stats, "cost": asdict(cost), "device": device}
+
+
+def _sample(
+    generator: Generator,
+    target: float,
+    n_kept: int,
+    samples_per_kept: int,
+    seed: int,
+    grader: str | None,
+    ranker: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The sampling and grading of ``sample_candidates``: the generations row's statistics and the kept rows."""
     rank = None if ranker == "head" else cgcnn_k(ranker)
     step = generate(generator, [target], n_kept, samples_per_kept, derive_seed(seed, target), rank)
     batch, kept, kept_index, head_scores = step.samples, step.kept, step.kept_index, step.samples.scores
     stats: dict[str, Any] = {
         "target": target,
-        "generator_model_id": model_id,
         "n_sampled": len(batch),
         "n_kept": len(kept),
         "validity": validity(batch.structures),
@@ -114,9 +134,8 @@ def sample_candidates(
             "mape_grader_kept": mape(np.asarray(graded)[kept_index], target),
             "k_grader_raw_json": json.dumps([round(float(k), 2) for k in graded]),
         }
-    logger.info("target %.0f GPa: %s", target, {k: v for k, v in stats.items() if not k.endswith("_json")})
     rows = [{**to_row(s), "score": float(sc)} for s, sc in zip(kept.structures, kept.scores, strict=True)]
-    return {"kept": rows, "stats": stats}
+    return stats, rows
 
 
 def latent_snapshot(

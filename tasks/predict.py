@@ -7,8 +7,11 @@ predicts nothing twice. The stage's orchestration is in ``flows/screen.py``, its
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
+from core.costs import measured
+from core.device import device_label
 from storage.lake import Lake
 from storage.queries import structure_rows
 from tasks.common import compute_task
@@ -17,10 +20,14 @@ from tasks.train import load_predictor
 
 @compute_task(name="cgcnn-predict", retries=0)
 def predict_k(lake_url: str, model_id: str, structure_ids: list[str]) -> list[dict[str, Any]]:
-    """Ensemble K_vrh (GPa) with its spread, and member values, for structures in the lake."""
+    """Ensemble K_vrh (GPa) with its spread, and member values, for structures in the lake; each with its share
+    of the batch's cost (``core.costs``) and the device."""
     _, ensemble = load_predictor(Lake(lake_url), model_id)
     rows = structure_rows(Lake(lake_url), structure_ids)
-    pred = ensemble.predict_rows(rows)
+    device = device_label(ensemble.device)
+    with measured(device) as cost:
+        pred = ensemble.predict_rows(rows)
+    share = asdict(cost.share(len(rows)))
     return [
         {
             "structure_id": sid,
@@ -29,6 +36,8 @@ def predict_k(lake_url: str, model_id: str, structure_ids: list[str]) -> list[di
             "log10_k": float(pred.log10_k[i]),
             "log10_k_std": float(pred.log10_k_std[i]),
             "members_gpa": [float(10.0**v) for v in pred.members_log10[:, i]],
+            "cost": share,
+            "device": device,
         }
         for i, sid in enumerate(structure_ids)
     ]

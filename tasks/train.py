@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,12 +27,14 @@ from prefect.cache_policies import CachePolicy
 
 from core import plots
 from core.cgcnn import CGCNNConfig, Ensemble, evaluate, train_ensemble
+from core.costs import measured
 from core.device import device_label
 from core.graphs import GraphCache
 from core.provenance import settings_hash, source_hash
 from core.settings import get_settings
 from storage.lake import Lake
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT, labeled_k_vrh
+from storage.records import record_work
 from storage.registry import (
     GENERATOR_KIND,
     PREDICTOR_KIND,
@@ -229,7 +231,8 @@ def train_model(
         new_label_weight,
         data_hash,
     )
-    fitted = FITTERS[kind][1](lake, data, config, parent_model_id)
+    with measured() as cost:
+        fitted = FITTERS[kind][1](lake, data, config, parent_model_id)
     with tempfile.TemporaryDirectory() as tmp:
         record = register_model(
             lake,
@@ -241,6 +244,10 @@ def train_model(
             metrics=fitted.metrics,
         )
         figures = fitted.figures(lake, record.model_id, Path(tmp))
+    device = fitted.metrics.get("device")
+    record_work(
+        lake, "train", f"train-{record.model_id}", kind, record_config, asdict(cost.on(device)), device, labels_before
+    )
     logger.info("registered %s %s", kind, record.model_id)
     return {"model_id": record.model_id, "metrics": fitted.metrics, "figures": figures}
 

@@ -64,6 +64,12 @@ def test_crash_then_rerun_finishes_without_duplicates(seeded, monkeypatch):
     ).to_pylist()
     assert dupes == []
     assert seeded.counts()["models"] == 2
+    # the cost ledger: every stage of the iteration paid for, each job counted once
+    stages = seeded.query("SELECT stage, n_jobs, cpu_s FROM cost_per_stage WHERE iteration = 0").to_pylist()
+    assert {r["stage"] for r in stages} == {"train", "generate", "gnn", "fam", "dft"}
+    assert all(r["cpu_s"] > 0 for r in stages)
+    total = seeded.query("SELECT cpu_s FROM cost_per_discovery WHERE iteration IS NULL").column("cpu_s")[0].as_py()
+    assert total == pytest.approx(sum(r["cpu_s"] for r in stages))
 
 
 def test_rerun_of_a_finished_iteration_recomputes_nothing(seeded):
@@ -124,3 +130,7 @@ def test_the_iteration_report_shows_its_plots_in_the_ui(seeded):
     assert {"mape_per_target.png", "k_of_samples.png", "dft_k_histogram.png", "latent_tsne.png"} <= set(images)
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images.values())
     assert " ± - GPa" not in text and "{" not in text.split("Wall time per stage:")[1].splitlines()[0]
+    cost = text.split("## Cost")[1].split("## Plots")[0]
+    assert {"| train |", "| generate |", "| gnn |", "| fam |", "| dft |"} <= {
+        line[: line.index("|", 1) + 1] for line in cost.splitlines() if line.startswith("| ")
+    }

@@ -78,6 +78,7 @@ def test_screen_flow_stage_two_end_to_end(lake, tmp_path: Path, prefect_server) 
     jobs = {r["structure_id"]: r for r in lake.read("jobs").to_pylist()}
     assert jobs[ids["W"]]["state"] == "failed" and jobs[ids["W"]]["error_class"] == "unknown_element"
     assert jobs[ids["Cu"]]["state"] == "completed" and jobs[ids["Cu"]]["wall_time_s"] > 0
+    assert jobs[ids["Cu"]]["cpu_s"] > 0 and jobs[ids["Cu"]]["gpu_s"] == 0  # the ledger: CPU time, no GPU held
     assert {j["device"] for j in jobs.values()} == {"cpu"}  # where the model ran, on every job row
     relaxed = lake.query("SELECT parent_ids FROM structures WHERE source = 'fam-relaxed'").column("parent_ids")
     assert sorted(p[0] for p in relaxed.to_pylist()) == sorted([ids["Cu"], ids["CuAl"]])
@@ -108,5 +109,5 @@ def test_fam_batch_is_cached_on_structure_model_and_settings(lake, tmp_path: Pat
         return first, second, other
 
     first, second, other = twice()
-    assert first == second  # served from the cache: identical, including the wall time recorded
-    assert other[0]["wall_time_s"] != first[0]["wall_time_s"]  # new settings: recomputed
+    assert first == second  # served from the cache: identical, including the cost recorded
+    assert other[0]["cost"] != first[0]["cost"]  # new settings: recomputed

@@ -1,0 +1,61 @@
+"""The cost ledger: views over the ``jobs`` rows that say what each stage, each iteration and each discovery cost.
+
+Every unit of work writes a ``jobs`` row with its wall, CPU and GPU seconds (``core.costs``): a model trained
+(stage ``train``), one target's sampling (``generate``), a stage-I prediction batch (``gnn``), a FAM relax +
+elastic tensor (``fam``), each DFT attempt (``dft``, failed and retried attempts included: they were paid for).
+A job names its iteration, or is attributed to the first iteration that made its structure a candidate; jobs of
+neither kind (the seed set, ``matloop elastic``) have no iteration and stay out of the per-iteration views.
+
+A *discovery* is a candidate structure labeled within ``DISCOVERY_TOLERANCE`` of its target (by DFT, or by the
+FAM when the loop's label source is ``fam``), the same count as ``iterations.n_within_20``.
+
+    matloop sql "SELECT * FROM cost_per_discovery"
+"""
+
+from __future__ import annotations
+
+DISCOVERY_TOLERANCE = 0.2
+"""A labeled structure within this fraction of its target counts as discovered."""
+
+_COSTS = (
+    "count(*) AS n_jobs, count(*) FILTER (WHERE state = 'failed') AS n_failed, "
+    "sum(wall_time_s) AS wall_s, sum(cpu_s) AS cpu_s, sum(gpu_s) AS gpu_s"
+)
+
+LEDGER_VIEWS: dict[str, str] = {
+    "job_costs": """
+        SELECT j.*, coalesce(j.iteration, first_use.iteration) AS cost_iteration
+        FROM jobs j LEFT JOIN (
+            SELECT structure_id, min(iteration) AS iteration FROM candidates GROUP BY structure_id
+        ) first_use USING (structure_id)
+    """,
+    "cost_per_stage": f"""
+        SELECT cost_iteration AS iteration, stage, {_COSTS}
+        FROM job_costs WHERE cost_iteration IS NOT NULL
+        GROUP BY cost_iteration, stage ORDER BY iteration, stage
+    """,
+    "cost_per_iteration": f"""
+        SELECT cost_iteration AS iteration, {_COSTS}
+        FROM job_costs WHERE cost_iteration IS NOT NULL
+        GROUP BY cost_iteration ORDER BY iteration
+    """,
+    "cost_per_discovery": f"""
+        WITH spent AS (
+            SELECT cost_iteration AS iteration, {_COSTS} FROM job_costs WHERE cost_iteration IS NOT NULL
+            GROUP BY GROUPING SETS ((cost_iteration), ())
+        ),
+        found AS (
+            SELECT iteration, count(DISTINCT structure_id) AS n_discovered FROM candidates
+            WHERE status = 'labeled' AND abs(dft_k - target) <= {DISCOVERY_TOLERANCE} * target
+            GROUP BY GROUPING SETS ((iteration), ())
+        )
+        SELECT s.iteration, coalesce(f.n_discovered, 0) AS n_discovered, s.n_jobs, s.n_failed,
+               s.wall_s, s.cpu_s, s.gpu_s,
+               s.cpu_s / nullif(f.n_discovered, 0) / 3600 AS cpu_hours_per_discovery,
+               s.gpu_s / nullif(f.n_discovered, 0) / 3600 AS gpu_hours_per_discovery
+        FROM spent s LEFT JOIN found f ON s.iteration IS NOT DISTINCT FROM f.iteration
+        ORDER BY s.iteration NULLS LAST
+    """,
+}
+"""Derived views every lake connection defines (``storage.lake.Lake.connect``, the catalog file); the row of
+``cost_per_discovery`` whose iteration is NULL is the whole loop."""
