@@ -428,10 +428,14 @@ def _batch_model(calculator: Calculator) -> Any | None:
         return None
 
 
-def verdict(outcome: FamOutcome, target: float, tolerance: float) -> tuple[Literal["pass", "reject", "error"], str]:
+def verdict(
+    outcome: FamOutcome, target: float, tolerance: float, failed_conditions: list[str] | None = None
+) -> tuple[Literal["pass", "reject", "error"], str]:
     """Stage-II decision for one candidate: pass only if relaxed, unchanged, complete, Born-stable and near target.
 
-    Decisions use K_vrh (not G: SevenNet-0's shear constants are too soft to trust).
+    The single-K case decides on K_vrh alone (not G: SevenNet-0's shear constants are too soft to trust); a
+    design target's candidate passes the structural checks and then every condition (``failed_conditions``, from
+    ``core.targets.stage_checks``: a G condition then uses the FAM's G, which only DFT confirms).
     """
     if target <= 0 or tolerance <= 0:
         raise ValueError("target and tolerance must be positive")
@@ -448,6 +452,10 @@ def verdict(outcome: FamOutcome, target: float, tolerance: float) -> tuple[Liter
         return "error", f"elastic tensor incomplete ({missing})"
     if not el.born_stable:
         return "reject", f"Born-unstable (smallest eigenvalue of C {el.min_eigenvalue:.1f} GPa)"
+    if failed_conditions is not None:
+        if failed_conditions:
+            return "reject", "condition not met: " + "; ".join(failed_conditions)
+        return "pass", f"K_vrh {el.k_vrh:.1f} GPa, every condition met (tolerance {tolerance:.0%}), Born-stable"
     off = (el.k_vrh - target) / target
     if abs(off) > tolerance:
         return "reject", f"K_vrh {el.k_vrh:.1f} GPa is {off:+.0%} off target {target:g} GPa (tolerance {tolerance:.0%})"

@@ -1,4 +1,4 @@
-"""Stage III's decisions: what labeling one structure produced, and which survivors are labeled first.
+"""Stage III's decisions: what labeling one structure produced (which survivors are labeled: ``core.acquisition``).
 
 Pure (no Prefect, no lake): the label flow gathers the jobs' results and records what these functions
 decide. A tensor is fitted only from a complete strain set, so a structure with a missing point is
@@ -7,9 +7,8 @@ decide. A tensor is fitted only from a complete strain set, so a structure with 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -24,6 +23,8 @@ class StructureOutcome(BaseModel):
     verdict: Literal["labeled", "failed"]
     reason: str | None = None
     k_vrh: float | None = None
+    g_vrh: float | None = None
+    born_stable: bool | None = None
     method: str | None = None
     relaxed_id: str | None = None
     missing: list[str] = Field(default_factory=list)
@@ -55,7 +56,14 @@ def dft_outcome(
         return StructureOutcome(
             **common, verdict="failed", reason="elastic matrix is singular: no Reuss bound, no K_vrh"
         )
-    return StructureOutcome(**common, verdict="labeled", k_vrh=result.k_vrh, reason=", ".join(result.flags) or None)
+    return StructureOutcome(
+        **common,
+        verdict="labeled",
+        k_vrh=result.k_vrh,
+        g_vrh=result.g_vrh,
+        born_stable=result.born_stable,
+        reason=", ".join(result.flags) or None,
+    )
 
 
 def fam_label_outcome(structure_id: str, labeled_id: str, fam_model: str, fam_k: float) -> StructureOutcome:
@@ -68,14 +76,3 @@ def fam_label_outcome(structure_id: str, labeled_id: str, fam_model: str, fam_k:
         relaxed_id=labeled_id,
         reason="labeled by the FAM (label source fam)",
     )
-
-
-def fam_miss(candidates: Sequence[Mapping[str, Any]]) -> float:
-    """How far the FAM K is from the nearest target it was screened for (labeling order: closest first)."""
-    misses = [abs(c["fam_k"] - c["target"]) / c["target"] for c in candidates if c.get("fam_k") is not None]
-    return min(misses, default=math.inf)
-
-
-def labeling_order(by_structure: Mapping[str, Sequence[Mapping[str, Any]]], limit: int = 0) -> list[str]:
-    """Structure ids closest to target by FAM K first (ties by id), at most ``limit`` of them (0: all)."""
-    return sorted(by_structure, key=lambda sid: (fam_miss(by_structure[sid]), sid))[: limit or None]

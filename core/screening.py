@@ -3,15 +3,17 @@
 Stage I (:func:`gnn_verdicts`) checks, in order:
 
 1. single-element structures are rejected (the search is for alloys);
-2. candidates whose predicted K is more than ``tolerance`` (relative) off their target are rejected;
+2. candidates whose predicted K is more than ``tolerance`` (relative) off their target are rejected (a design
+   target's candidate: off its K window widened by ``tolerance``; ``core.targets``);
 3. of the rest, duplicates (core.dedup) of any structure already in the lake, or of a candidate
    earlier in the batch, are rejected; the batch is ordered by relative error, so of two equal
    structures the one closer to its target survives.
 
 Stage II (:func:`fam_verdicts`) passes a candidate only if the FAM relaxed it, its structure held, its
 strain set is complete, it is Born-stable and its FAM K is within ``tolerance`` of the target
-(:func:`core.fam.verdict`). Each function returns, per candidate, the update its ``candidates`` row gets and
-a short outcome name that the flows count.
+(:func:`core.fam.verdict`); a design target's candidate must meet every condition instead of the K check. Both
+stages record each condition's verdict in ``conditions_json``. Each function returns, per candidate, the update
+its ``candidates`` row gets and a short outcome name that the flows count.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from core.dedup import find_duplicates
 from core.fam import FamOutcome, verdict
 from core.structures import from_row
+from core.targets import stage_checks, stage_values
 
 GNN_OUTCOMES = ("passed", "single_element", "off_target", "duplicate_known", "duplicate_batch")
 """Stage I's outcome names, in the order of its checks."""
@@ -55,15 +58,14 @@ def gnn_verdicts(
             "gnn_k_std": p["k_vrh_std"],
             "gnn_model_id": model_id,
         }
+        base["conditions_json"], failed = stage_checks(cand, "gnn", stage_values(k_vrh=p["k_vrh"]), tolerance)
         k_text = f"K {p['k_vrh']:.0f}±{p['k_vrh_std']:.0f} GPa"
         if rows[sid]["nelements"] < 2:
             updates[n] = {**base, "gnn_reason": f"single-element structure ({rows[sid]['elements'][0]})"}
             outcomes[n] = "single_element"
-        elif rel > tolerance:
-            updates[n] = {
-                **base,
-                "gnn_reason": f"{k_text} is {rel:.0%} off target {target:.0f} GPa (tolerance {tolerance:.0%})",
-            }
+        elif failed:
+            why = "; ".join(failed) if cand.get("design") else f"is {rel:.0%} off target {target:.0f} GPa"
+            updates[n] = {**base, "gnn_reason": f"{k_text} {why} (tolerance {tolerance:.0%})"}
             outcomes[n] = "off_target"
         else:
             updates[n] = {**base, "gnn_reason": f"{k_text} within {rel:.0%} of target {target:.0f} GPa"}
@@ -90,7 +92,10 @@ def fam_verdicts(
     decided = []
     for cand in (c for c in todo if c["structure_id"] in outcomes):
         o = outcomes[cand["structure_id"]]
-        decision, reason = verdict(o, cand["target"], tolerance)
+        el = o.elastic
+        values = stage_values(el.k_vrh, el.g_vrh, el.born_stable) if el else stage_values()
+        conditions_json, failed = stage_checks(cand, "fam", values, tolerance)
+        decision, reason = verdict(o, cand["target"], tolerance, failed if cand.get("design") else None)
         update = {
             "iteration": cand["iteration"],
             "structure_id": cand["structure_id"],
@@ -99,6 +104,7 @@ def fam_verdicts(
             "fam_k": o.elastic.k_vrh if o.elastic else None,
             "fam_verdict": decision,
             "fam_reason": reason,
+            "conditions_json": conditions_json,
             "status": "fam_pass" if decision == "pass" else "rejected",
         }
         decided.append((update, decision if decision == "pass" else reason.split(" (")[0].split(":")[0]))

@@ -30,6 +30,7 @@ from core import plots
 from core.cgcnn import ConfigName as CGCNNConfigName
 from core.generator.configs import PresetName as GeneratorPreset
 from core.sizes import DEFAULT_SIZE, SIZES, RunSize, SizeName, size_help
+from core.targets import DesignText, parse_design
 from flows.generate import DEFAULT_TARGETS, GenerateParams, GenerateSettings, TargetK, Targets, generate
 from flows.label import LabelParams, LabelSettings, label
 from flows.locking import loop_lock
@@ -68,6 +69,10 @@ class LoopParams(BaseModel):
     """Target K_vrh values, GPa."""
     focus_target: TargetK = 350.0
     """The target the summary leads with."""
+    design: DesignText = ""
+    """A design target instead of the K targets, e.g. "k_vrh in [330, 370] and g_vrh/k_vrh <= 0.57" (the
+    generator is conditioned on the centre of its K window, every stage checks each condition it can evaluate,
+    the label checks them all); it replaces targets and focus_target. Empty: the K targets."""
     size: SizeName = Field(DEFAULT_SIZE, description="Run size (sets every field left at 0 or 'size'): " + size_help())
     iterations: int = Field(0, ge=0)
     """How many iterations to run, starting at ``first_iteration``; 0: the size's."""
@@ -99,7 +104,10 @@ class LoopParams(BaseModel):
 
     @model_validator(mode="after")
     def _focus_is_a_target(self) -> LoopParams:
-        """The focus target must be one of the targets (the summary leads with its rows)."""
+        """The focus target must be one of the targets (the summary leads with its rows); a design is the one target."""
+        if self.design:
+            self.targets = [parse_design(self.design).generator_k]
+            self.focus_target = self.targets[0]
         if self.focus_target not in self.targets:
             raise ValueError(f"focus_target {self.focus_target:g} is not one of the targets {self.targets}")
         return self
@@ -147,6 +155,7 @@ def _stage_params(params: LoopParams, lake: Lake, iteration: int, loop_run_id: s
             **run,
             iteration=iteration,
             targets=params.targets,
+            design=params.design,
             samples_per_kept=params.samples_per_kept,
             n_kept=params.n_kept,
         ),
@@ -273,6 +282,7 @@ def report(lake: Lake, params: LoopParams, iteration: int, rows: list[dict[str, 
     lines += ["| " + " | ".join(_fmt(r[k]) for k in _FUNNEL_COLUMNS) + " |" for r in rows]
     walls = json.loads(rows[0]["wall_times_json"]) if rows else {}
     lines += ["", "Wall time per stage: " + (", ".join(f"{k} {v:.0f} s" for k, v in walls.items()) or "-"), ""]
+    lines += condition_lines(lake, iteration)
     lines += cost_lines(lake, iteration)
     lines += ["## Plots", "", *links]
     create_markdown_artifact("\n".join(lines), key=f"iteration-{iteration}", description=f"Iteration {iteration}")
@@ -293,6 +303,23 @@ _FUNNEL_COLUMNS = (
     "uniqueness",
     "novelty",
 )
+
+
+def condition_lines(lake: Lake, iteration: int) -> list[str]:
+    """Per target and condition: how many candidates met it at each stage, of those the stage could check."""
+    rows = lake.query("SELECT * FROM condition_funnel WHERE iteration = ?", [iteration]).to_pylist()
+    lines = [
+        "## Conditions",
+        "",
+        "| target | condition | candidates | stage I | stage II (FAM) | label |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['target']:g} | `{r['condition']}` | {r['n_candidates']} | {r['n_gnn_pass']}/{r['n_gnn_checked']} | "
+        f"{r['n_fam_pass']}/{r['n_fam_checked']} | {r['n_label_met']}/{r['n_label_checked']} |"
+        for r in rows
+    ]
+    return [*lines, "", "Met / checked: a stage checks the conditions it can evaluate (stage I: K only).", ""]
 
 
 def cost_lines(lake: Lake, iteration: int) -> list[str]:

@@ -14,8 +14,9 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.targets import DesignText, parse_design
 from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import current, record_generated
@@ -59,9 +60,19 @@ class GenerateParams(GenerateSettings):
     """Candidates kept per target."""
     model_id: str | None = None
     """Generator model id; None = the latest registered generator."""
+    design: DesignText = ""
+    """A design target instead of the K targets, e.g. "k_vrh in [330, 370] and g_vrh/k_vrh <= 0.57" (the
+    generator is conditioned on the centre of its K window; every stage checks each condition); empty: none."""
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
+
+    @model_validator(mode="after")
+    def _design_sets_the_target(self) -> GenerateParams:
+        """A design's generator condition is the one target."""
+        if self.design:
+            self.targets = [parse_design(self.design).generator_k]
+        return self
 
 
 @flow(name="generate", log_prints=True)
@@ -107,7 +118,9 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
                 params.iteration,
                 run_id,
             )  # before the candidates: a rerun after a kill between the two writes no twin and loses no cost
-            written = record_generated(lake, params.iteration, model_id, float(target), result["kept"], run_id, stats)
+            written = record_generated(
+                lake, params.iteration, model_id, float(target), result["kept"], run_id, stats, params.design or None
+            )
             summary.append(
                 {
                     "target": target,

@@ -17,25 +17,19 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.acquisition import AcquisitionSettings, choose
 from core.dft import PRESETS, DftSettings, resolve
 from core.dft import PresetName as DftPreset
 from core.elastic import ElasticResult, ElasticSettings, deformations, fit
 from core.failures import FaultInjection
-from core.labeling import (
-    StructureOutcome,
-    dft_outcome,
-    failed_outcome,
-    failure_text,
-    fam_label_outcome,
-    labeling_order,
-)
+from core.labeling import StructureOutcome, dft_outcome, failed_outcome, failure_text, fam_label_outcome
 from core.settings import SlurmOptions
 from core.structures import from_atoms, from_row, to_atoms
 from deployments.runners import Runner, task_runner
 from flows.locking import stage_lock
 from storage import Lake
-from storage.candidates import Status, current, record_label
-from storage.queries import label_inputs
+from storage.candidates import Status, current, record_acquisition, record_label
+from storage.queries import dft_hours_estimate, label_inputs
 from storage.records import record_dft_results, record_fam_label
 from tasks.common import in_lake
 from tasks.dft import atoms_from_dict, atoms_to_dict, dft_point, dft_relax
@@ -64,8 +58,11 @@ class LabelSettings(BaseModel):
     slurm: SlurmOptions = Field(default_factory=SlurmOptions)
     """SLURM job settings of the slurm runner (defaults from the hpc pool's MATLOOP_SLURM_* variables)."""
     limit: int = Field(0, ge=0)
-    """Label at most this many structures in this run (0: all), those whose FAM K is closest to target
-    first (the rest stay fam_pass for a later run)."""
+    """Label at most this many structures in this run (0: all), best by the acquisition policy first (the rest
+    stay fam_pass for a later run)."""
+    acquisition: AcquisitionSettings = Field(default_factory=AcquisitionSettings)
+    """Which survivors are labeled first (closest to target, most uncertain, expected improvement) and the DFT
+    budget in CPU-hours."""
 
     @model_validator(mode="after")
     def _overrides_fit_the_preset(self) -> LabelSettings:
@@ -220,12 +217,23 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
         by_structure: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for cand in current(lake, params.iteration, status=Status.FAM_PASS):
             by_structure[cand["structure_id"]].append(cand)
-        ids = labeling_order(by_structure, params.limit)
-        if not ids:
+        if not by_structure:
             logger.info("iteration %d: no candidates at fam_pass, nothing to label", params.iteration)
             return []
-        generated, relaxed = label_inputs(lake, ids)
         run_id = runtime_flow_run.get_id()
+        generated, relaxed = label_inputs(lake, list(by_structure))
+        priced = dft_hours_estimate(lake, generated | relaxed) if params.acquisition.budget_cpu_hours else None
+        choices = choose(by_structure, params.acquisition, params.limit, priced)
+        record_acquisition(lake, params.iteration, by_structure, choices, params.acquisition.policy, run_id)
+        ids = [c.structure_id for c in choices if c.chosen]
+        logger.info(
+            "iteration %d: %d of %d survivors chosen by %s%s",
+            params.iteration,
+            len(ids),
+            len(choices),
+            params.acquisition.policy,
+            f" within {params.acquisition.budget_cpu_hours:g} CPU-hours" if params.acquisition.budget_cpu_hours else "",
+        )
         if params.source == "fam":
             return [_label_with_fam(lake, params.iteration, by_structure[sid], relaxed.get(sid), run_id) for sid in ids]
         # DFT starts from the stage-II geometry: near a PBE minimum already, so the DFT relaxation is short.

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any, Protocol
 
+from core.acquisition import Choice
+from core.targets import stage_checks, stage_values
 from storage.lake import Lake
 from storage.rows import structure_row
 from storage.schemas import CANDIDATES
@@ -40,6 +42,8 @@ class LabelResult(Protocol):
     verdict: str
     reason: str | None
     k_vrh: float | None
+    g_vrh: float | None
+    born_stable: bool | None
     method: str | None
 
 
@@ -73,7 +77,9 @@ def advance(lake: Lake, updates: Sequence[Mapping[str, Any]], *, stage: str, run
 def record_label(
     lake: Lake, iteration: int, candidates: Sequence[Mapping[str, Any]], outcome: LabelResult, run_id: str | None
 ) -> int:
-    """Advance every candidate row of one structure (one per target) to its stage-III outcome."""
+    """Advance every candidate row of one structure (one per target) to its stage-III outcome, with the label's
+    verdict on each of the candidate's conditions (strict: no tolerance)."""
+    values = stage_values(outcome.k_vrh, outcome.g_vrh, outcome.born_stable)
     return advance(
         lake,
         [
@@ -86,12 +92,40 @@ def record_label(
                 "dft_verdict": outcome.verdict,
                 "dft_reason": outcome.reason,
                 "status": Status(outcome.verdict),
+                **({"conditions_json": stage_checks(c, "label", values, 0.0)[0]} if outcome.k_vrh is not None else {}),
             }
             for c in candidates
         ],
         stage="label",
         run_id=run_id,
     )
+
+
+def record_acquisition(
+    lake: Lake,
+    iteration: int,
+    by_structure: Mapping[str, Sequence[Mapping[str, Any]]],
+    choices: Sequence[Choice],
+    policy: str,
+    run_id: str | None,
+) -> int:
+    """Write each survivor's acquisition score and note (status unchanged); rows already saying so are skipped,
+    so a rerun writes nothing new."""
+    updates = [
+        {
+            "iteration": iteration,
+            "structure_id": c["structure_id"],
+            "target": c["target"],
+            "acquisition_policy": policy,
+            "acquisition_score": choice.score,
+            "acquisition_note": choice.note or None,
+        }
+        for choice in choices
+        for c in by_structure[choice.structure_id]
+        if (c.get("acquisition_policy"), c.get("acquisition_score"), c.get("acquisition_note"))
+        != (policy, choice.score, choice.note or None)
+    ]
+    return advance(lake, updates, stage="label", run_id=run_id)
 
 
 def record_generated(
@@ -102,6 +136,7 @@ def record_generated(
     kept: list[dict[str, Any]],
     run_id: str | None = None,
     stats: dict[str, Any] | None = None,
+    design: str | None = None,
 ) -> int:
     """Append one target's ``generations`` row, then the kept structures (new ids only) and their candidate rows.
 
@@ -135,6 +170,7 @@ def record_generated(
             "target": float(target),
             "generator_model_id": model_id,
             "generator_score": float(r["score"]),
+            "design": design,
             "status": Status.GENERATED,
         }
         for r in kept

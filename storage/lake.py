@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from core.provenance import code_version, new_run_id, utcnow
 from core.settings import get_settings
+from storage.conditions import CONDITION_VIEWS
 from storage.ledger import LEDGER_VIEWS
 from storage.schemas import ADDED_COLUMNS, KEYS, PARTITION, SCHEMAS
 
@@ -299,7 +300,8 @@ class Lake:
 
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         """Every table as ``<t>_history`` (all rows) and ``<t>`` (current rows), then the derived views
-        (``storage.ledger.LEDGER_VIEWS``). A column added to a schema after a lake was written reads as NULL."""
+        (``storage.ledger``: the cost ledger; ``storage.conditions``: verdicts per design condition). A column
+        added to a schema after a lake was written reads as NULL."""
         for table, schema in SCHEMAS.items():
             part = PARTITION[table]
             if self.files(table):
@@ -327,7 +329,7 @@ class Lake:
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {table}_history "
                 f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC) = 1"
             )
-        for name, sql in LEDGER_VIEWS.items():
+        for name, sql in (LEDGER_VIEWS | CONDITION_VIEWS).items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:

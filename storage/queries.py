@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -146,3 +146,21 @@ def dedup_references(
         """,
         [list(batch_ids), iteration, iteration, list(formulas)],
     ).to_pylist()
+
+
+def dft_hours_estimate(lake: Lake, rows: Mapping[str, Mapping[str, Any]]) -> Callable[[str], float | None]:
+    """Expected DFT CPU-hours of each structure in ``rows`` (structure rows by id): what labeling has cost so far
+    per atom of the structures labeled, every attempt counted (the acquisition budget's price; None before the
+    first DFT job)."""
+    spent = lake.query(
+        """
+        WITH spent AS (
+            SELECT structure_id, sum(cpu_s) AS cpu_s FROM jobs
+            WHERE stage = 'dft' AND cpu_s IS NOT NULL GROUP BY structure_id
+        )
+        SELECT sum(spent.cpu_s) / nullif(sum(len(s.species)), 0) AS per_atom
+        FROM spent JOIN structures s USING (structure_id)
+        """
+    ).to_pylist()
+    per_atom = spent[0]["per_atom"] if spent else None
+    return lambda sid: None if per_atom is None or sid not in rows else per_atom * len(rows[sid]["species"]) / 3600

@@ -60,7 +60,9 @@ CANDIDATES = pa.schema(
     [
         pa.field("iteration", pa.int32(), nullable=False),
         pa.field("structure_id", pa.string(), nullable=False),
-        pa.field("target", pa.float64(), nullable=False),  # target K_vrh, GPa
+        pa.field("target", pa.float64(), nullable=False),  # target K_vrh, GPa (the generator's condition)
+        pa.field("design", pa.string()),  # the design target's conditions (core.targets); NULL: K = target
+        pa.field("conditions_json", pa.string()),  # per stage, per condition: value, verdict, why
         pa.field("generator_model_id", pa.string()),
         pa.field("generator_score", pa.float64()),  # generator's property head, GPa
         pa.field("gnn_k", pa.float64()),
@@ -72,6 +74,9 @@ CANDIDATES = pa.schema(
         pa.field("fam_k", pa.float64()),
         pa.field("fam_verdict", pa.string()),  # pass | reject | error
         pa.field("fam_reason", pa.string()),
+        pa.field("acquisition_policy", pa.string()),  # closest | uncertain | expected_improvement
+        pa.field("acquisition_score", pa.float64()),  # the policy's score: higher was labeled first
+        pa.field("acquisition_note", pa.string()),  # why a survivor was not labeled (limit, budget)
         pa.field("dft_method", pa.string()),
         pa.field("dft_k", pa.float64()),
         pa.field("dft_verdict", pa.string()),  # labeled | failed
@@ -204,7 +209,10 @@ PARTITION: dict[str, str] = {
     "quarantine": "source",
 }
 
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"jobs": ("cpu_s", "gpu_s", "iteration")}
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "jobs": ("cpu_s", "gpu_s", "iteration"),
+    "candidates": ("design", "conditions_json", "acquisition_policy", "acquisition_score", "acquisition_note"),
+}
 """Columns added to a table after lakes were written with it: their views read them as NULL from older files."""
 
 KEYS: dict[str, tuple[str, ...]] = {

@@ -125,12 +125,32 @@ def test_the_iteration_report_shows_its_plots_in_the_ui(seeded):
 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["iteration-0"])))
-    text = found[0].data
+    text = next(a.data for a in found if seeded.url in a.data)  # this lake's loop, not another test's
     images = dict(re.findall(r"!\[([^\]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text))
     assert {"mape_per_target.png", "k_of_samples.png", "dft_k_histogram.png", "latent_tsne.png"} <= set(images)
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for data in images.values())
     assert " ± - GPa" not in text and "{" not in text.split("Wall time per stage:")[1].splitlines()[0]
+    assert "| 350 | `k_vrh = 350` |" in text.split("## Conditions")[1]  # the single-K target is one condition
     cost = text.split("## Cost")[1].split("## Plots")[0]
     assert {"| train |", "| generate |", "| gnn |", "| fam |", "| dft |"} <= {
         line[: line.index("|", 1) + 1] for line in cost.splitlines() if line.startswith("| ")
     }
+
+
+def test_a_design_target_runs_and_every_stage_records_its_conditions(tmp_path_factory, prefect_server):
+    """The loop with a design (K window and Pugh's ratio): one target at the window's centre, each stage's verdict
+    per condition on every candidate, the funnel per condition in the lake and in the iteration's report."""
+    lake = Lake(tmp_path_factory.mktemp("design-loop") / "lake")
+    ingest(lake, "seed")
+    design = "k_vrh in [300, 400] and g_vrh/k_vrh <= 0.57"
+    rows = active_learning(tiny(lake, design=design, label_source="fam", label={"limit": 0}))
+    assert [r["target"] for r in rows] == [350.0]
+    cands = lake.query("SELECT * FROM candidates WHERE iteration = 0").to_pylist()
+    assert cands and {c["design"] for c in cands} == {design}
+    stages = [set(json.loads(c["conditions_json"])) for c in cands]
+    assert all("gnn" in s for s in stages) and any("fam" in s for s in stages)
+    funnel = {r["condition"]: r for r in lake.query("SELECT * FROM condition_funnel").to_pylist()}
+    assert set(funnel) == {"k_vrh in [300, 400]", "g_vrh/k_vrh <= 0.57"}
+    assert funnel["g_vrh/k_vrh <= 0.57"]["n_gnn_checked"] == 0  # stage I has no G
+    assert funnel["k_vrh in [300, 400]"]["n_gnn_checked"] == funnel["k_vrh in [300, 400]"]["n_candidates"]
+    assert funnel["g_vrh/k_vrh <= 0.57"]["n_fam_checked"] > 0

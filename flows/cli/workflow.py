@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flows.cli import app, at_least, build_params, console, heavy_imports
+from flows.cli import app, at_least, build_params, console, first_line, heavy_imports
 from flows.cli.elastic import fam_option
 from flows.cli.lake import print_table
 
@@ -65,6 +65,23 @@ def _grader(path: str | None) -> str | None:
     return path
 
 
+def _design(value: str) -> str:
+    """--design: the conditions' text, or a YAML/JSON file of them; a bad condition exits 2 naming it."""
+    if not value:
+        return ""
+    import yaml
+
+    from core.targets import DesignError, parse_design
+
+    path = Path(value).expanduser()
+    try:
+        return parse_design(yaml.safe_load(path.read_text()) if path.is_file() else value).text
+    except yaml.YAMLError as err:
+        raise typer.BadParameter(f"{path}: not YAML or JSON ({first_line(err)})") from None
+    except DesignError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
 @app.command()
 def run(
     size: Annotated[
@@ -73,6 +90,14 @@ def run(
     iterations: Annotated[int, typer.Option(help="Iterations to run (0: the size's)")] = 0,
     target: Annotated[list[float] | None, typer.Option(help="Target K_vrh, GPa (repeat for several)")] = None,
     focus: Annotated[float, typer.Option(help="Focus target, GPa")] = 350.0,
+    design: Annotated[
+        str,
+        typer.Option(
+            help="Design target instead of --target: conditions, e.g. 'k_vrh in [330, 370] and g_vrh/k_vrh <= 0.57',"
+            " or a YAML/JSON file of them",
+            callback=_design,
+        ),
+    ] = "",
     n_kept: Annotated[int, typer.Option(help="Candidates kept per target (0: the size's)")] = 0,
     samples_per_kept: Annotated[int, typer.Option(help="Generator samples per kept candidate (0: the size's)")] = 0,
     fam: Annotated[
@@ -96,6 +121,12 @@ def run(
     dft_limit: Annotated[
         int, typer.Option(callback=at_least(0), help="Label at most this many survivors per iteration (0: all)")
     ] = 0,
+    acquisition: Annotated[
+        str, typer.Option(help="Which survivors are labeled first: closest, uncertain, expected_improvement")
+    ] = "closest",
+    dft_budget: Annotated[
+        float, typer.Option(help="DFT budget per iteration in CPU-hours, priced from the lake's DFT jobs (0: none)")
+    ] = 0.0,
     predictor_config: Annotated[str, typer.Option(help="CGCNN config: small, default, size")] = "size",
     generator_config: Annotated[str, typer.Option(help="Generator config: small, paper, size")] = "size",
     first_iteration: Annotated[int, typer.Option(help="Index of the first iteration")] = 0,
@@ -117,6 +148,7 @@ def run(
         lake_url=Lake().url,
         targets=targets,
         focus_target=focus,
+        design=design,
         iterations=iterations,
         n_kept=n_kept,
         samples_per_kept=samples_per_kept,
@@ -129,7 +161,11 @@ def run(
         train={"new_label_weight": new_label_weight},
         generate={"grader": grader},
         screen={"fam_model": fam},
-        label={"preset": dft_preset, "limit": dft_limit},
+        label={
+            "preset": dft_preset,
+            "limit": dft_limit,
+            "acquisition": {"policy": acquisition, "budget_cpu_hours": dft_budget},
+        },
     )
     _run_loop(params)
     _summary(Lake())
