@@ -97,10 +97,11 @@ def main() -> None:
         )
     total = lake.query("SELECT * FROM cost_per_discovery WHERE iteration IS NULL").to_pylist()[0]
     summed = lake.query("SELECT sum(cpu_s) AS s FROM job_costs WHERE cost_iteration IS NOT NULL").column("s")[0]
+    per = total["cpu_hours_per_discovery"]
     print(
-        f"  {total['n_discovered']} discovered (labeled within 20 % of the target K); "
-        f"CPU-hours per discovery {total['cpu_hours_per_discovery']}; loop CPU {total['cpu_s']:.1f} s = the job rows' "
-        f"sum {summed.as_py():.1f} s"
+        f"  {total['n_discovered']} discovered (labeled, every condition met); CPU-hours per discovery "
+        f"{'-' if per is None else f'{per:.4f}'}; loop CPU {total['cpu_s']:.1f} s = the job rows' sum "
+        f"{summed.as_py():.1f} s"
     )
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; lake {lake.url}")
 

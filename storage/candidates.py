@@ -109,8 +109,8 @@ def record_acquisition(
     policy: str,
     run_id: str | None,
 ) -> int:
-    """Write each survivor's acquisition score and note (status unchanged); rows already saying so are skipped,
-    so a rerun writes nothing new."""
+    """Write each survivor's acquisition score and note (status unchanged; ``stage`` ``acquire``, the label stage's
+    first step); rows already saying so are skipped, so a rerun writes nothing new."""
     updates = [
         {
             "iteration": iteration,
@@ -125,7 +125,7 @@ def record_acquisition(
         if (c.get("acquisition_policy"), c.get("acquisition_score"), c.get("acquisition_note"))
         != (policy, choice.score, choice.note or None)
     ]
-    return advance(lake, updates, stage="label", run_id=run_id)
+    return advance(lake, updates, stage="acquire", run_id=run_id)
 
 
 def record_generated(

@@ -329,7 +329,7 @@ class Lake:
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {table}_history "
                 f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY created_at DESC) = 1"
             )
-        for name, sql in (LEDGER_VIEWS | CONDITION_VIEWS).items():
+        for name, sql in (CONDITION_VIEWS | LEDGER_VIEWS).items():  # the ledger reads the condition views
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:

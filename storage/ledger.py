@@ -7,7 +7,8 @@ A job names its iteration, or is attributed to the first iteration that made its
 neither kind (the seed set, ``matloop elastic``) have no iteration and stay out of the per-iteration views.
 
 A *discovery* is a candidate structure labeled within ``DISCOVERY_TOLERANCE`` of its target (by DFT, or by the
-FAM when the loop's label source is ``fam``), the same count as ``iterations.n_within_20``.
+FAM when the loop's label source is ``fam``), the same count as ``iterations.n_within_20``; for a design target's
+candidate, one whose label met every condition (``storage.conditions``).
 
     matloop sql "SELECT * FROM cost_per_discovery"
 """
@@ -44,10 +45,17 @@ LEDGER_VIEWS: dict[str, str] = {
             SELECT cost_iteration AS iteration, {_COSTS} FROM job_costs WHERE cost_iteration IS NOT NULL
             GROUP BY GROUPING SETS ((cost_iteration), ())
         ),
+        missed AS (  -- design candidates whose label failed a condition
+            SELECT DISTINCT iteration, structure_id, target FROM candidate_conditions
+            WHERE stage = 'label' AND verdict <> 'pass'
+        ),
         found AS (
-            SELECT iteration, count(DISTINCT structure_id) AS n_discovered FROM candidates
-            WHERE status = 'labeled' AND abs(dft_k - target) <= {DISCOVERY_TOLERANCE} * target
-            GROUP BY GROUPING SETS ((iteration), ())
+            SELECT c.iteration, count(DISTINCT c.structure_id) AS n_discovered FROM candidates c
+            LEFT JOIN missed m USING (iteration, structure_id, target)
+            WHERE c.status = 'labeled' AND CASE WHEN c.design IS NULL
+                THEN abs(c.dft_k - c.target) <= {DISCOVERY_TOLERANCE} * c.target
+                ELSE m.structure_id IS NULL AND c.conditions_json LIKE '%"label"%' END
+            GROUP BY GROUPING SETS ((c.iteration), ())
         )
         SELECT s.iteration, coalesce(f.n_discovered, 0) AS n_discovered, s.n_jobs, s.n_failed,
                s.wall_s, s.cpu_s, s.gpu_s,

@@ -82,7 +82,7 @@ CANDIDATES = pa.schema(
         pa.field("dft_verdict", pa.string()),  # labeled | failed
         pa.field("dft_reason", pa.string()),
         pa.field("status", pa.string()),  # generated | gnn_pass | fam_pass | labeled | rejected | failed
-        pa.field("stage", pa.string()),  # the stage that wrote this row
+        pa.field("stage", pa.string()),  # the stage that wrote this row: generate | gnn | fam | acquire | label
         *_PROVENANCE,
     ]
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -56,6 +57,16 @@ def _candidate(iteration: int, sid: str, target: float, status: str, dft_k: floa
     return {"iteration": iteration, "structure_id": sid, "target": target, "status": status, "dft_k": dft_k}
 
 
+DUCTILE = "k_vrh in [330, 400] and g_vrh/k_vrh <= 0.57"
+
+
+def _label(ductile: bool) -> str:
+    """A design candidate's conditions_json after its label: K in its window, Pugh's ratio met or not."""
+    ratio = {"value": 0.5 if ductile else 0.7, "verdict": "pass" if ductile else "fail", "why": "-"}
+    k = {"value": 360.0, "verdict": "pass", "why": "360"}
+    return json.dumps({"label": {"k_vrh in [330, 400]": k, "g_vrh/k_vrh <= 0.57": ratio}})
+
+
 @pytest.fixture
 def ledger_lake(tmp_path) -> Lake:
     """Two iterations' candidates and a job of each stage with known costs (seconds chosen to add up exactly)."""
@@ -68,6 +79,8 @@ def ledger_lake(tmp_path) -> Lake:
             _candidate(0, "c", 350.0, "rejected"),
             _candidate(1, "a", 300.0, "rejected"),  # "a" again: its jobs stay with iteration 0
             _candidate(1, "d", 350.0, "labeled", 380.0),  # discovered (9 % off)
+            {**_candidate(1, "e", 350.0, "labeled", 350.0), "design": DUCTILE, "conditions_json": _label(False)},
+            {**_candidate(1, "f", 350.0, "labeled", 390.0), "design": DUCTILE, "conditions_json": _label(True)},
         ],
     )
     jobs = [
@@ -103,7 +116,8 @@ def test_cost_per_stage_and_iteration_sum_the_job_rows(ledger_lake):
 def test_cost_per_discovery_is_one_query_that_matches_the_job_rows(ledger_lake):
     rows = {r["iteration"]: r for r in ledger_lake.query("SELECT * FROM cost_per_discovery").to_pylist()}
     assert set(rows) == {0, 1, None}  # None: the whole loop
-    assert rows[0]["n_discovered"] == 1 and rows[1]["n_discovered"] == 1 and rows[None]["n_discovered"] == 2
+    # "e" is on its K target but not ductile: a design counts a structure whose label met every condition ("f")
+    assert rows[0]["n_discovered"] == 1 and rows[1]["n_discovered"] == 2 and rows[None]["n_discovered"] == 3
     attributed = (
         ledger_lake.query(
             "SELECT sum(cpu_s) AS cpu FROM jobs WHERE iteration IS NOT NULL "
@@ -113,7 +127,7 @@ def test_cost_per_discovery_is_one_query_that_matches_the_job_rows(ledger_lake):
         .as_py()
     )
     assert rows[None]["cpu_s"] == attributed == 260.0 + 243.0
-    assert rows[None]["cpu_hours_per_discovery"] == pytest.approx(attributed / 2 / 3600)
+    assert rows[None]["cpu_hours_per_discovery"] == pytest.approx(attributed / 3 / 3600)
     assert rows[0]["gpu_hours_per_discovery"] == pytest.approx(10.0 / 3600)
     assert DISCOVERY_TOLERANCE == 0.2  # the funnel's n_within_20
 
