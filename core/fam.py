@@ -7,6 +7,8 @@ Models:
 - ``sevennet-0``: SevenNet-0, whose weights ship inside the ``sevenn`` wheel: the offline
   fallback. Its bulk moduli are usable, its shear constants far too soft, so decisions use K and
   G is indicative only.
+- ``sevennet-l3i5``: SevenNet-l3i5 (higher angular order, about 5x the cost of SevenNet-0), also shipped
+  in the ``sevenn`` wheel; its shear constants are measured against DFT in benchmarks/fam.py.
 - a path to a MACE ``.model`` file (a fine-tuned or test model).
 - ``auto``: MACE-MP-0 if it can be had, else SevenNet-0.
 
@@ -60,7 +62,9 @@ log = logging.getLogger(__name__)
 
 MACE_MP_0_URL = "https://github.com/ACEsuit/mace-mp/releases/download/mace_mp_0/2023-12-03-mace-128-L1_epoch-199.model"
 """MACE-MP-0 medium, the model of the MACE-MP-0 paper (Batatia et al., arXiv:2401.00096)."""
-FAM_NAMES = ("auto", "mace-mp-0", "sevennet-0")
+FAM_NAMES = ("auto", "mace-mp-0", "sevennet-0", "sevennet-l3i5")
+SEVENNET_CHECKPOINTS = {"sevennet-0": "7net-0", "sevennet-l3i5": "7net-l3i5"}
+"""SevenNet models by matloop name -> the ``sevenn`` pretrained name (weights inside the wheel)."""
 DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -162,7 +166,7 @@ def _mace_calculator(path: Path, dtype: str, device: str) -> Calculator:
 def fam_calculator(name: str = "auto", device: str | None = None, dtype: str = "float64") -> tuple[Calculator, str]:
     """An ASE calculator for a foundation model on ``device``, and the name of the model actually used.
 
-    ``name`` is ``auto``, ``mace-mp-0``, ``sevennet-0`` or a path to a MACE model file; ``device``
+    ``name`` is ``auto``, ``mace-mp-0``, ``sevennet-0``, ``sevennet-l3i5`` or a path to a MACE model file; ``device``
     is resolved by :func:`core.device.resolve_device` (None: ``MATLOOP_DEVICE``, default auto).
     Raises FamUnavailableError when the model cannot be had and ValueError for an unknown name.
     """
@@ -175,10 +179,10 @@ def fam_calculator(name: str = "auto", device: str | None = None, dtype: str = "
             return fam_calculator("sevennet-0", device, dtype)
     if name == "mace-mp-0":
         return _mace_calculator(mace_mp_checkpoint(), dtype, device), "mace-mp-0"
-    if name == "sevennet-0":
+    if name in SEVENNET_CHECKPOINTS:
         from sevenn.calculator import SevenNetCalculator
 
-        return SevenNetCalculator("7net-0", device=device), "sevennet-0"
+        return SevenNetCalculator(SEVENNET_CHECKPOINTS[name], device=device), name
     path = Path(name).expanduser()
     if path.is_file():
         return _mace_calculator(path, dtype, device), _file_tag(path)

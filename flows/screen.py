@@ -31,7 +31,7 @@ Stage = Literal["gnn", "fam"]
 
 
 def fam_name(name: str) -> str:
-    """A FAM name (auto, mace-mp-0, sevennet-0) or a MACE model file's path (it may exist only on the worker)."""
+    """A FAM name (``core.fam.FAM_NAMES``) or a MACE model file's path (it may exist only on the worker)."""
     if name in FAM_NAMES or name.endswith(".model") or "/" in name or Path(name).expanduser().is_file():
         return name
     raise ValueError(f"unknown FAM {name!r}: use one of {', '.join(FAM_NAMES)} or a path to a MACE model file")
@@ -51,7 +51,7 @@ class ScreenSettings(BaseModel):
     fam_tolerance: float = Field(0.20, gt=0)
     """Stage II keeps Born-stable candidates whose FAM K_vrh is within this fraction of the target."""
     fam_model: FamName = "auto"
-    """auto (MACE-MP-0 if available, else SevenNet-0), mace-mp-0, sevennet-0, or a MACE model file."""
+    """auto (MACE-MP-0 if available, else SevenNet-0), mace-mp-0, sevennet-0, sevennet-l3i5, or a MACE model file."""
     fam_settings: FamSettings = Field(default_factory=FamSettings)
     """Relaxation, structure matching (StructureMatcher ltol/stol/angle_tol) and elastic settings of stage II."""
     fam_batch_size: int = Field(16, ge=1)

@@ -172,3 +172,12 @@ def test_sevennet0_tungsten_bulk_modulus() -> None:
     assert outcome.elastic.k_vrh == pytest.approx(303, abs=15)
     assert outcome.elastic.eos_k == pytest.approx(outcome.elastic.k_vrh, abs=5)
     assert verdict(outcome, 300.0, 0.2)[0] == "pass"
+
+
+@pytest.mark.slow
+def test_sevennet_l3i5_loads_offline_and_gives_tungsten_a_bulk_modulus() -> None:
+    """SevenNet-l3i5 (also in the wheel, no download): a second offline FAM, named as such on its rows."""
+    calc, name = fam_calculator("sevennet-l3i5", device="cpu")
+    assert name == "sevennet-l3i5"
+    outcome = fam_outcome(bulk("W", "bcc", a=3.2), calc, name, FamSettings())
+    assert outcome.model_name == "sevennet-l3i5" and outcome.elastic.k_vrh == pytest.approx(304, rel=0.15)
