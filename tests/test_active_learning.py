@@ -154,3 +154,8 @@ def test_a_design_target_runs_and_every_stage_records_its_conditions(tmp_path_fa
     assert funnel["g_vrh/k_vrh <= 0.57"]["n_gnn_checked"] == 0  # stage I has no G
     assert funnel["k_vrh in [300, 400]"]["n_gnn_checked"] == funnel["k_vrh in [300, 400]"]["n_candidates"]
     assert funnel["g_vrh/k_vrh <= 0.57"]["n_fam_checked"] > 0
+    from flows.cli.workflow import DEMO_QUERIES  # the summary `matloop run` and `make demo` print
+
+    summary = {title: lake.query(sql).to_pylist() for title, sql in DEMO_QUERIES.items()}
+    assert len(summary["each condition of the last iteration, met/checked per stage"]) == 2
+    assert {r["stage"] for r in summary["what the last iteration cost"]} >= {"train", "generate", "gnn"}

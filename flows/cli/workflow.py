@@ -34,6 +34,16 @@ DEMO_QUERIES = {
         "SELECT left(structure_id, 11) AS id, calculation, attempt, state, error_class, round(wall_time_s, 1) AS s "
         "FROM jobs WHERE stage = 'dft' ORDER BY created_at LIMIT 10"
     ),
+    "each condition of the last iteration, met/checked per stage": (
+        "SELECT target, condition, n_candidates AS n, n_gnn_pass || '/' || n_gnn_checked AS stage_1, "
+        "n_fam_pass || '/' || n_fam_checked AS stage_2, n_label_met || '/' || n_label_checked AS label "
+        "FROM condition_funnel WHERE iteration = (SELECT max(iteration) FROM candidates) ORDER BY target, condition"
+    ),
+    "what the last iteration cost": (
+        "SELECT stage, n_jobs, n_failed, round(wall_s, 1) AS wall_s, round(cpu_s, 1) AS cpu_s, "
+        "round(gpu_s, 1) AS gpu_s FROM cost_per_stage "
+        "WHERE iteration = (SELECT max(iteration) FROM cost_per_stage) ORDER BY stage"
+    ),
 }
 
 
