@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,11 +74,8 @@ def in_window_probability(candidate: Mapping[str, Any], settings: AcquisitionSet
     if sigma <= 0:
         return float(abs(k - target) <= settings.window * target)
     lo, hi = (1 - settings.window) * target, (1 + settings.window) * target
-
-    def cdf(x: float) -> float:
-        return 0.5 * (1 + math.erf((x - k) / (sigma * math.sqrt(2))))
-
-    return cdf(hi) - cdf(lo)
+    label = NormalDist(k, sigma)
+    return label.cdf(hi) - label.cdf(lo)
 
 
 def score(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -33,8 +33,7 @@ class Cost:
 
     def columns(self) -> dict[str, float]:
         """The ledger columns of a ``jobs`` row (``wall_time_s``, ``cpu_s``, ``gpu_s``)."""
-        values = asdict(self)
-        return {"wall_time_s": values["wall_s"], "cpu_s": values["cpu_s"], "gpu_s": values["gpu_s"]}
+        return {"wall_time_s": self.wall_s, "cpu_s": self.cpu_s, "gpu_s": self.gpu_s}
 
 
 @contextmanager

@@ -16,6 +16,7 @@ single-K target of today is the point window ``k_vrh = 350``, which a stage's to
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -96,20 +97,24 @@ class DesignTarget(BaseModel):
 
     conditions: list[Condition] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _one_generator_condition(self) -> DesignTarget:
-        marked = [c for c in self.conditions if c.feeds_generator]
+    @model_validator(mode="before")
+    @classmethod
+    def _one_generator_condition(cls, data: Any) -> Any:
+        """The first two-sided ``k_vrh`` window feeds the generator unless a condition is marked; one at most."""
+        if not isinstance(data, Mapping):
+            return data
+        conditions = [
+            c if isinstance(c, Condition) else Condition.model_validate(c) for c in data.get("conditions", [])
+        ]
+        marked = [c for c in conditions if c.feeds_generator]
         if len(marked) > 1:
             raise ValueError("only one condition can feed the generator")
         if not marked:
-            k = next((c for c in self.conditions if c.property == "k_vrh" and None not in (c.low, c.high)), None)
+            k = next((c for c in conditions if c.property == "k_vrh" and None not in (c.low, c.high)), None)
             if k is None:
                 raise ValueError("a design needs a k_vrh window with both bounds (k_vrh in [a, b] or k_vrh = v +- t)")
-            index = self.conditions.index(k)
-            conditions = list(self.conditions)
-            conditions[index] = k.model_copy(update={"feeds_generator": True})
-            object.__setattr__(self, "conditions", conditions)
-        return self
+            conditions[conditions.index(k)] = k.model_copy(update={"feeds_generator": True})
+        return {**data, "conditions": conditions}
 
     @classmethod
     def point(cls, k_vrh: float) -> DesignTarget:
@@ -225,9 +230,25 @@ def stage_values(
     }
 
 
+POINT_LABEL_TOLERANCE = 0.2
+"""A single-K target (a candidate without a design) is met by a label within 20 % of it (the funnel's
+``n_within_20``); a design's conditions are windows already, so its label is checked strictly."""
+
+
+def label_tolerance(candidate: Mapping[str, Any]) -> float:
+    """The tolerance a label is checked with: ``POINT_LABEL_TOLERANCE`` for a single-K target, 0 for a design."""
+    return 0.0 if candidate.get("design") else POINT_LABEL_TOLERANCE
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(text: str) -> DesignTarget:
+    return parse_design(text)
+
+
 def design_of(candidate: Mapping[str, Any]) -> DesignTarget:
-    """A candidate's design (``candidates.design``), or the point window at its target K (the single-K case)."""
-    return parse_design(candidate["design"]) if candidate.get("design") else DesignTarget.point(candidate["target"])
+    """A candidate's design (``candidates.design``, parsed once per text), or the point window at its target K
+    (the single-K case)."""
+    return _parsed(candidate["design"]) if candidate.get("design") else DesignTarget.point(candidate["target"])
 
 
 def stage_checks(

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from core.acquisition import Choice
-from core.targets import stage_checks, stage_values
+from core.targets import label_tolerance, stage_checks, stage_values
 from storage.lake import Lake
 from storage.rows import structure_row
 from storage.schemas import CANDIDATES
@@ -78,7 +78,7 @@ def record_label(
     lake: Lake, iteration: int, candidates: Sequence[Mapping[str, Any]], outcome: LabelResult, run_id: str | None
 ) -> int:
     """Advance every candidate row of one structure (one per target) to its stage-III outcome, with the label's
-    verdict on each of the candidate's conditions (strict: no tolerance)."""
+    verdict on each of the candidate's conditions (``core.targets.label_tolerance``)."""
     values = stage_values(outcome.k_vrh, outcome.g_vrh, outcome.born_stable)
     return advance(
         lake,
@@ -92,7 +92,11 @@ def record_label(
                 "dft_verdict": outcome.verdict,
                 "dft_reason": outcome.reason,
                 "status": Status(outcome.verdict),
-                **({"conditions_json": stage_checks(c, "label", values, 0.0)[0]} if outcome.k_vrh is not None else {}),
+                **(
+                    {"conditions_json": stage_checks(c, "label", values, label_tolerance(c))[0]}
+                    if outcome.k_vrh is not None
+                    else {}
+                ),
             }
             for c in candidates
         ],

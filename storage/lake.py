@@ -32,7 +32,7 @@ from core.provenance import code_version, new_run_id, utcnow
 from core.settings import get_settings
 from storage.conditions import CONDITION_VIEWS
 from storage.ledger import LEDGER_VIEWS
-from storage.schemas import ADDED_COLUMNS, KEYS, PARTITION, SCHEMAS
+from storage.schemas import KEYS, PARTITION, SCHEMAS
 
 _SAFE_PARTITION = re.compile(r"^[A-Za-z0-9._+@-]+$")
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
@@ -300,30 +300,25 @@ class Lake:
 
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         """Every table as ``<t>_history`` (all rows) and ``<t>`` (current rows), then the derived views
-        (``storage.ledger``: the cost ledger; ``storage.conditions``: verdicts per design condition). A column
-        added to a schema after a lake was written reads as NULL."""
+        (``storage.ledger``: the cost ledger; ``storage.conditions``: verdicts per design condition).
+
+        The files are read by name against a typed, empty relation of the whole schema (``UNION ALL BY NAME``), so a
+        fresh lake has typed, empty views and a column added to a schema after a lake was written reads as NULL
+        from the older files, with nothing read until a query runs."""
         for table, schema in SCHEMAS.items():
             part = PARTITION[table]
+            cols = [f for f in schema if f.name != part] + [schema.field(part)]
+            typed = (
+                "SELECT " + ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in cols) + " WHERE false"
+            )
             if self.files(table):
                 glob = self.uri(table, "*", "*.parquet")
-                source = (
-                    f"read_parquet('{glob}', hive_partitioning=true, union_by_name=true, "
+                files = (
+                    f"SELECT * FROM read_parquet('{glob}', hive_partitioning=true, union_by_name=true, "
                     f"hive_types={{'{part}': {_duck_type(schema.field(part).type)}}})"
                 )
-            else:  # a typed, empty relation so queries work on a fresh lake
-                cols = [f for f in schema if f.name != part] + [schema.field(part)]
-                source = (
-                    "(SELECT "
-                    + ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in cols)
-                    + " WHERE false)"
-                )
-            con.execute(f"CREATE OR REPLACE VIEW {table}_history AS SELECT * FROM {source}")
-            if table in ADDED_COLUMNS and self.files(table):
-                have = {row[0] for row in con.execute(f"DESCRIBE {table}_history").fetchall()}
-                missing = [schema.field(c) for c in ADDED_COLUMNS[table] if c not in have]
-                if missing:
-                    nulls = ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in missing)
-                    con.execute(f"CREATE OR REPLACE VIEW {table}_history AS SELECT *, {nulls} FROM {source}")
+                typed = f"{typed} UNION ALL BY NAME {files}"
+            con.execute(f"CREATE OR REPLACE VIEW {table}_history AS {typed}")
             keys = ", ".join(KEYS[table])
             con.execute(
                 f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {table}_history "

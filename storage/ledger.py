@@ -1,22 +1,22 @@
 """The cost ledger: views over the ``jobs`` rows that say what each stage, each iteration and each discovery cost.
 
 Every unit of work writes a ``jobs`` row with its wall, CPU and GPU seconds (``core.costs``): a model trained
-(stage ``train``), one target's sampling (``generate``), a stage-I prediction batch (``gnn``), a FAM relax +
+(stage ``train``), one target's sampling (``generate``), a structure's stage-I prediction (``gnn``), a FAM relax +
 elastic tensor (``fam``), each DFT attempt (``dft``, failed and retried attempts included: they were paid for).
 A job names its iteration, or is attributed to the first iteration that made its structure a candidate; jobs of
 neither kind (the seed set, ``matloop elastic``) have no iteration and stay out of the per-iteration views.
 
-A *discovery* is a candidate structure labeled within ``DISCOVERY_TOLERANCE`` of its target (by DFT, or by the
-FAM when the loop's label source is ``fam``), the same count as ``iterations.n_within_20``; for a design target's
-candidate, one whose label met every condition (``storage.conditions``).
+A *discovery* is a candidate structure whose label (DFT, or the FAM when the loop's label source is ``fam``) met
+every condition of its candidate (``storage.conditions``): a single-K target within
+``core.targets.POINT_LABEL_TOLERANCE`` of it, the same count as ``iterations.n_within_20``; a design's conditions
+strictly.
 
     matloop sql "SELECT * FROM cost_per_discovery"
 """
 
 from __future__ import annotations
 
-DISCOVERY_TOLERANCE = 0.2
-"""A labeled structure within this fraction of its target counts as discovered."""
+from core.targets import POINT_LABEL_TOLERANCE
 
 _COSTS = (
     "count(*) AS n_jobs, count(*) FILTER (WHERE state = 'failed') AS n_failed, "
@@ -45,16 +45,15 @@ LEDGER_VIEWS: dict[str, str] = {
             SELECT cost_iteration AS iteration, {_COSTS} FROM job_costs WHERE cost_iteration IS NOT NULL
             GROUP BY GROUPING SETS ((cost_iteration), ())
         ),
-        missed AS (  -- design candidates whose label failed a condition
-            SELECT DISTINCT iteration, structure_id, target FROM candidate_conditions
-            WHERE stage = 'label' AND verdict <> 'pass'
+        label_checks AS (  -- did the label meet every condition of the candidate (its single K, or its design)?
+            SELECT iteration, structure_id, target, bool_and(verdict = 'pass') AS met FROM candidate_conditions
+            WHERE stage = 'label' GROUP BY iteration, structure_id, target
         ),
         found AS (
             SELECT c.iteration, count(DISTINCT c.structure_id) AS n_discovered FROM candidates c
-            LEFT JOIN missed m USING (iteration, structure_id, target)
-            WHERE c.status = 'labeled' AND CASE WHEN c.design IS NULL
-                THEN abs(c.dft_k - c.target) <= {DISCOVERY_TOLERANCE} * c.target
-                ELSE m.structure_id IS NULL AND c.conditions_json LIKE '%"label"%' END
+            LEFT JOIN label_checks l USING (iteration, structure_id, target)
+            WHERE c.status = 'labeled'  -- a label written before conditions were recorded: K within tolerance
+              AND coalesce(l.met, abs(c.dft_k - c.target) <= {POINT_LABEL_TOLERANCE} * c.target)
             GROUP BY GROUPING SETS ((c.iteration), ())
         )
         SELECT s.iteration, coalesce(f.n_discovered, 0) AS n_discovered, s.n_jobs, s.n_failed,

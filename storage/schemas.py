@@ -209,12 +209,6 @@ PARTITION: dict[str, str] = {
     "quarantine": "source",
 }
 
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "jobs": ("cpu_s", "gpu_s", "iteration"),
-    "candidates": ("design", "conditions_json", "acquisition_policy", "acquisition_score", "acquisition_note"),
-}
-"""Columns added to a table after lakes were written with it: their views read them as NULL from older files."""
-
 KEYS: dict[str, tuple[str, ...]] = {
     "structures": ("structure_id",),
     "properties": ("structure_id", "name", "method"),

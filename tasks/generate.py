@@ -96,7 +96,7 @@ def sample_candidates(
     device = device_label(generator.device)
     with measured(device) as cost:
         stats, rows = _sample(generator, target, n_kept, samples_per_kept, seed, grader, ranker)
-        stats["generator_model_id"] = model_id
+    stats["generator_model_id"] = model_id
     logger.info("target %.0f GPa: %s", target, {k: v for k, v in stats.items() if not k.endswith("_json")})
     return {"kept": rows, "stats": stats, "cost": asdict(cost), "device": device}
 

@@ -12,7 +12,6 @@ import pytest
 
 from core.costs import Cost, measured
 from storage import Lake
-from storage.ledger import DISCOVERY_TOLERANCE
 from storage.records import record_work
 from storage.rows import job_row
 
@@ -129,7 +128,6 @@ def test_cost_per_discovery_is_one_query_that_matches_the_job_rows(ledger_lake):
     assert rows[None]["cpu_s"] == attributed == 260.0 + 243.0
     assert rows[None]["cpu_hours_per_discovery"] == pytest.approx(attributed / 3 / 3600)
     assert rows[0]["gpu_hours_per_discovery"] == pytest.approx(10.0 / 3600)
-    assert DISCOVERY_TOLERANCE == 0.2  # the funnel's n_within_20
 
 
 def test_a_rerun_writes_no_twin_job_row(ledger_lake):

@@ -145,6 +145,15 @@ def test_the_label_checks_every_condition_strictly_and_the_funnel_counts_them(la
     checks = json.loads(current(lake, 0)[0]["conditions_json"])["label"]
     assert checks["k_vrh in [330, 370]"]["verdict"] == "pass"
     assert checks["g_vrh/k_vrh <= 0.57"] == {"value": 0.6, "verdict": "fail", "why": "0.6 > 0.57"}  # strict
+    # A single-K target's label is met within 20 % (the funnel's n_within_20), not only at exactly 350 GPa.
+    for sid_k, k in (("y" * 16, 415.0), ("z" * 16, 425.0)):
+        advance(lake, [{"iteration": 0, "structure_id": sid_k, "target": 350.0, "status": "fam_pass"}], stage="fam")
+        single = next(c for c in current(lake, 0) if c["structure_id"] == sid_k)
+        record_label(lake, 0, [single], StructureOutcome(structure_id=sid_k, verdict="labeled", k_vrh=k), None)
+    singles = [c for c in current(lake, 0) if c["design"] is None]
+    met = {c["structure_id"]: json.loads(c["conditions_json"])["label"]["k_vrh = 350"]["verdict"] for c in singles}
+    assert met == {"y" * 16: "pass", "z" * 16: "fail"}
+    assert lake.query("SELECT n_discovered FROM cost_per_discovery WHERE iteration IS NULL").column(0)[0].as_py() == 1
     funnel = {r["condition"]: r for r in lake.query("SELECT * FROM condition_funnel").to_pylist()}
     assert funnel["k_vrh in [330, 370]"]["n_label_met"] == 1 and funnel["g_vrh/k_vrh <= 0.57"]["n_label_met"] == 0
     assert funnel["g_vrh/k_vrh <= 0.57"]["n_label_checked"] == 1
