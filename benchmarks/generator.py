@@ -8,7 +8,8 @@ the script prints per target (60 ... 400 GPa), on the raw samples ``sample()`` r
   the same split: the reference work's metric) and its median K, and the rank correlation of the
   head with the grader (the keep-best ranker must agree with an independent grader);
 - the fraction of single-element samples, validity, uniqueness, novelty against the training set,
-  and the draws per returned sample (``sample()`` returns exactly the n asked: 1.00), and the share
+  and the draws per returned sample (``sample()`` returns exactly the n asked, distinct ones, drawing a
+  duplicate again: ``max_draws``), and the share
   of samples the template decoder placed (``--sampling decoder=template``; the rest went to Langevin);
 
 then at ``--fam-target`` (350 GPa), on ``--fam-n`` raw samples and on the ``--fam-n`` best of
@@ -165,7 +166,7 @@ def target_rows(
             {
                 "target": target,
                 "n": len(batch),
-                "draws_per_sample": len(batch) / n,
+                "draws_per_sample": (batch.draws or len(batch)) / len(batch),
                 "templated": float(np.mean([d == "template" for d in batch.decoders or ()])) if batch.decoders else 0.0,
                 "mape_head": mape(batch.scores, target),
                 "mape_cgcnn": mape(graded, target),

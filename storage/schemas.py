@@ -161,6 +161,7 @@ GENERATIONS = pa.schema(
         pa.field("target", pa.float64(), nullable=False),
         pa.field("generator_model_id", pa.string()),
         pa.field("n_sampled", pa.int64()),
+        pa.field("n_drawn", pa.int64()),  # crystals drawn to return n_sampled distinct ones (duplicates drawn again)
         pa.field("n_kept", pa.int64()),
         pa.field("validity", pa.float64()),
         pa.field("single_element", pa.float64()),  # fraction of raw samples with one element

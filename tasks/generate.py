@@ -117,6 +117,7 @@ def _sample(
     stats: dict[str, Any] = {
         "target": target,
         "n_sampled": len(batch),
+        "n_drawn": batch.draws if batch.draws is not None else len(batch),
         "n_kept": len(kept),
         "validity": validity(batch.structures),
         "single_element": float(np.mean([len(s.composition.elements) == 1 for s in batch.structures])),

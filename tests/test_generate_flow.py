@@ -145,8 +145,15 @@ def test_keep_best_follows_the_configured_ranker(registered, prefect_server, tmp
     by_head = keep_best(batch, 3)
     assert kept == {structure_id(s) for s in expected.structures}
     assert kept != {structure_id(s) for s in by_head.structures}  # the two rankers disagree on this batch
-    stats = lake.query("SELECT ranker, mape_head_raw FROM generations WHERE iteration = 2").to_pylist()
-    assert stats == [{"ranker": str(ranker), "mape_head_raw": pytest.approx(mape(batch.scores, 300.0))}]
+    stats = lake.query("SELECT ranker, mape_head_raw, n_sampled, n_drawn FROM generations WHERE iteration = 2")
+    assert stats.to_pylist() == [
+        {
+            "ranker": str(ranker),
+            "mape_head_raw": pytest.approx(mape(batch.scores, 300.0)),
+            "n_sampled": 18,
+            "n_drawn": batch.draws,  # duplicates drawn again are counted
+        }
+    ]
 
 
 @pytest.mark.slow

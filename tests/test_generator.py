@@ -185,11 +185,27 @@ def test_samples_are_alloys_by_default_and_min_elements_is_honoured(trained):
     assert all(len(s.composition.elements) >= 3 for s in ternary.structures)
 
 
+def test_samples_of_a_target_are_distinct_and_the_draws_are_counted(trained):
+    """A duplicate of a crystal already drawn for its target is drawn again; max_draws=1 returns what it draws."""
+    plain = trained.with_sampling(max_draws=1, prior_guidance=1.0).sample([300.0], 48, seed=7)
+    assert plain.draws == 48 and metrics.uniqueness(plain.structures) < 1.0  # the tiny model repeats itself
+    batch = trained.with_sampling(max_draws=20, prior_guidance=1.0).sample([300.0, 60.0], 48, seed=7)  # tiny: many
+    assert len(batch) == 96 and list(batch.targets) == [300.0] * 48 + [60.0] * 48
+    assert 96 < batch.draws < 20 * 96
+    for target in (300.0, 60.0):
+        same_target = [s for s, t in zip(batch.structures, batch.targets, strict=True) if t == target]
+        within_group = metrics.DistinctFilter(by_space_group=True)
+        assert all(within_group.admit(s) for s in same_target)  # no two of one space group match
+    assert metrics.uniqueness(batch.structures[:48]) > metrics.uniqueness(plain.structures)
+    capped = trained.with_sampling(max_draws=1.1).sample([300.0], 48, seed=7)
+    assert capped.draws == 52 and len(capped) == 48  # out of draws: the rest are duplicates, still n returned
+
+
 def test_with_sampling_shares_the_weights_and_refuses_training_fields(trained):
-    guided = trained.with_sampling(prior_guidance=2.0)
-    assert guided.config.prior_guidance == 2.0 and trained.config.prior_guidance == TINY.prior_guidance
+    guided = trained.with_sampling(prior_guidance=3.0)
+    assert guided.config.prior_guidance == 3.0 and trained.config.prior_guidance == TINY.prior_guidance
     assert guided.vae.enc_embed.weight is trained.vae.enc_embed.weight and guided.prior is trained.prior
-    assert guided.vae.config.prior_guidance == 2.0 and trained.vae.config is TINY
+    assert guided.vae.config.prior_guidance == 3.0 and trained.vae.config is TINY
     with pytest.raises(ValueError, match="latent_dim cannot change after training"):
         trained.with_sampling(latent_dim=4)
 

@@ -32,6 +32,8 @@ class SampleBatch:
     """Why each sample is invalid (``core.metrics.validity_problems``), None where valid; None if not checked."""
     decoders: list[str] | None = None
     """How each sample's coordinates were made (e.g. ``template``, ``langevin``), where the generator says."""
+    draws: int | None = None
+    """How many crystals were drawn to return these (more than returned where duplicates were drawn again)."""
 
     def __post_init__(self) -> None:
         if not len(self.structures) == len(self.targets) == len(self.scores):
@@ -44,7 +46,7 @@ class SampleBatch:
         return len(self.structures)
 
     def take(self, indices: Sequence[int]) -> SampleBatch:
-        """The samples at ``indices``, in that order."""
+        """The samples at ``indices``, in that order (a subset has no draw count of its own)."""
         idx = np.asarray(indices, dtype=int)
         problems = None if self.problems is None else [self.problems[i] for i in idx]
         decoders = None if self.decoders is None else [self.decoders[i] for i in idx]

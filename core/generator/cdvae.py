@@ -29,10 +29,12 @@ then annealed Langevin dynamics down the noise levels (a reverse-diffusion predi
 ``corrector_steps`` Langevin corrector steps per level), then a short repulsion separates any atoms
 left closer than about half a nearest-neighbour distance (``repel``); the template decoder falls
 back to it for a crystal no template fits. Last, each crystal is snapped to the space group spglib
-finds within ``symprec`` (``core.structures.symmetrize``). Each sample is scored by re-encoding it and reading
-the property head. All randomness flows from one seeded ``torch.Generator``, so a seed
-reproduces a batch on a given device. ``sample()`` returns exactly the n asked: nothing is drawn
-and thrown away, and no energy model is called.
+finds within ``symprec`` (``core.structures.symmetrize``). A crystal that matches one already drawn for the same target
+(the uniqueness metric's StructureMatcher) is drawn again, up to ``max_draws`` draws per returned
+crystal (``SampleBatch.draws`` says how many it took). Each sample is scored by re-encoding it and
+reading the property head. All randomness flows from one seeded ``torch.Generator``, so a seed
+reproduces a batch on a given device. ``sample()`` returns exactly the n asked per target, and no
+energy model is called.
 
 What the ablations showed (``small`` preset, both shared files' train split, 2,052 crystals with
 88 % binaries, 9 % ternaries, 2 % single elements and no P1 cell at symprec 0.1; SevenNet-0 relaxing
@@ -95,7 +97,7 @@ from core.generator.crystals import (
     split,
 )
 from core.generator.templates import TemplateBank
-from core.metrics import validity_problems
+from core.metrics import DistinctFilter, validity_problems
 from core.structures import symmetrize
 
 CHECKPOINT_FORMAT = 4
@@ -744,7 +746,11 @@ class CDVAEGenerator(Generator):
     # ---- sampling ----
     @torch.no_grad()
     def sample(self, targets: Sequence[float], n: int, seed: int) -> SampleBatch:
-        """``n`` crystals per target K (GPa), decoded in batches of ``sample_batch``; same seed, same crystals."""
+        """``n`` distinct crystals per target K (GPa), decoded in batches of ``sample_batch``; same seed, same crystals.
+
+        A crystal that matches one already drawn for its target is drawn again, up to ``max_draws`` draws per
+        returned crystal in all; past that the batch is filled with the duplicates (``SampleBatch.draws`` counts).
+        """
         vae, prior = self._ready()
         if n < 1 or not targets:
             raise ValueError("need at least one target and n >= 1")
@@ -753,22 +759,39 @@ class CDVAEGenerator(Generator):
         vae.eval()
         prior.eval()
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        k_all = torch.tensor([float(t) for t in targets for _ in range(n)], device=self.device)
-        structures: list[Structure] = []
-        decoders: list[str] = []
+        kept: list[list[tuple[Structure, str]]] = [[] for _ in targets]
+        spare: list[list[tuple[Structure, str]]] = [[] for _ in targets]
+        filters = [DistinctFilter(by_space_group=True) for _ in targets]
+        budget, draws = math.floor(self.config.max_draws * n * len(targets)), 0
+        while (missing := [n - len(k) for k in kept]) and any(missing) and draws < budget:
+            wanted = [i for i, m in enumerate(missing) for _ in range(m)][: budget - draws]
+            draws += len(wanted)
+            for i, drawn in zip(wanted, self._draw(vae, prior, [targets[i] for i in wanted], gen), strict=True):
+                (kept[i] if self.config.max_draws == 1 or filters[i].admit(drawn[0]) else spare[i]).append(drawn)
+        chosen = [(t, *d) for t, k, extra in zip(targets, kept, spare, strict=True) for d in (k + extra)[:n]]
+        structures = [c[1] for c in chosen]
+        batch = self.config.sample_batch
+        scores = np.concatenate([self.score(structures[i : i + batch]) for i in range(0, len(structures), batch)])
+        problems = validity_problems(structures, device=str(self.device))  # batched on the model's device
+        return SampleBatch(
+            structures, np.array([float(c[0]) for c in chosen]), scores, problems, [c[2] for c in chosen], draws
+        )
+
+    def _draw(
+        self, vae: CDVAE, prior: LatentPrior, targets: Sequence[float], gen: torch.Generator
+    ) -> list[tuple[Structure, str]]:
+        """One crystal per target K (GPa) from the prior and the decoders, symmetrized, with its decoder's name."""
         c = self.config
+        out: list[tuple[Structure, str]] = []
+        k_all = torch.tensor([float(t) for t in targets], device=self.device)
         for k in k_all.split(c.sample_batch):
             z = prior.sample(vae.k_to_standard(k), gen, c.prior_guidance, c.prior_clip)
             crystals, how = self._decode(vae, z, gen)
-            structures += self._structures(crystals)
-            decoders += how
-        if c.symprec > 0:
-            structures = [symmetrize(s, c.symprec) for s in structures]
-        scores = np.concatenate(
-            [self.score(structures[i : i + c.sample_batch]) for i in range(0, len(structures), c.sample_batch)]
-        )
-        problems = validity_problems(structures, device=str(self.device))  # batched on the model's device
-        return SampleBatch(structures, k_all.cpu().numpy().astype(float), scores, problems, decoders)
+            structures = self._structures(crystals)
+            if c.symprec > 0:
+                structures = [symmetrize(s, c.symprec) for s in structures]
+            out += zip(structures, how, strict=True)
+        return out
 
     def _decode(self, vae: CDVAE, z: Tensor, gen: torch.Generator) -> tuple[list[Crystal], list[str]]:
         """Crystals for latents ``z`` by the configured decoder, and which decoder made each.
