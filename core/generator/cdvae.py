@@ -30,7 +30,7 @@ then annealed Langevin dynamics down the noise levels (a reverse-diffusion predi
 left closer than about half a nearest-neighbour distance (``repel``); the template decoder falls
 back to it for a crystal no template fits. Last, each crystal is snapped to the space group spglib
 finds within ``symprec`` (``core.structures.symmetrize``). A crystal that matches one already drawn for the same target
-(the uniqueness metric's StructureMatcher) is drawn again, up to ``max_draws`` draws per returned
+(the uniqueness metric's StructureMatcher, within one space group) is drawn again, up to ``max_draws`` per returned
 crystal (``SampleBatch.draws`` says how many it took). Each sample is scored by re-encoding it and
 reading the property head. All randomness flows from one seeded ``torch.Generator``, so a seed
 reproduces a batch on a given device. ``sample()`` returns exactly the n asked per target, and no

@@ -68,7 +68,7 @@ class CDVAEConfig(BaseModel):
         2.0,
         ge=0,
         description="classifier-free guidance weight at sampling; 1 = plain (2 carries a sparse target K into the "
-        "samples: CGCNN-graded MAPE 0.31 -> 0.20 at 350 GPa, benchmarks/generator.py)",
+        "samples: CGCNN-graded MAPE 0.31 -> 0.25 at 350 GPa over three seeds, benchmarks/generator.py)",
     )
     prior_clip: float = Field(5.0, gt=0, description="clamp of the standardized clean-latent estimate while sampling")
     # ---- sampling ----
