@@ -20,7 +20,7 @@ duplicates of noisy generated structures.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,9 +57,35 @@ def _reduced(structure: Structure) -> Structure:
     return Structure.from_sites(niggli.get_primitive_structure())
 
 
-def _first_match(matcher: StructureMatcher, reduced: Structure, refs: Sequence[tuple[str, Structure]]) -> str | None:
-    """Id of the first reference that fits ``reduced`` (all already reduced), or None."""
-    return next((ref_id for ref_id, ref in refs if matcher.fit(ref, reduced, skip_structure_reduction=True)), None)
+class UniqueIndex:
+    """Reduced structures by the only keys the matcher can fit across: reduced formula and primitive site count.
+
+    ``match`` fits a structure only against the entries of its own bucket; ``add`` files one. Stage I's
+    duplicate check and the generator's keep-best both use it, so a candidate kept for a target is never a
+    stage-I duplicate of another candidate kept for that target.
+    """
+
+    def __init__(self, matcher: StructureMatcher | None = None) -> None:
+        self.matcher = matcher or make_matcher()
+        self._buckets: dict[tuple[str, int], list[tuple[str, Structure]]] = defaultdict(list)
+
+    @staticmethod
+    def reduce(structure: Structure) -> Structure:
+        """The cell ``match`` and ``add`` take (reduce once, then match against many)."""
+        return _reduced(structure)
+
+    def match(self, reduced: Structure) -> str | None:
+        """Id of the first entry that fits ``reduced`` (a ``reduce``d cell), or None."""
+        refs = self._buckets[_bucket(reduced)]
+        return next((sid for sid, ref in refs if self.matcher.fit(ref, reduced, skip_structure_reduction=True)), None)
+
+    def add(self, sid: str, reduced: Structure) -> None:
+        """File ``reduced`` (a ``reduce``d cell) under ``sid``."""
+        self._buckets[_bucket(reduced)].append((sid, reduced))
+
+
+def _bucket(reduced: Structure) -> tuple[str, int]:
+    return reduced.composition.reduced_formula, len(reduced)
 
 
 def find_duplicates(
@@ -73,7 +99,6 @@ def find_duplicates(
     Order matters inside the batch: the first of a group of equal structures is kept and the later
     ones point to it, so pass the batch best-first. Known structures are never compared with each other.
     """
-    matcher = make_matcher()
     result: dict[int, Duplicate] = {}
     known_ids = {sid for sid, _ in known}
     seen_ids: dict[str, int] = {}
@@ -87,32 +112,23 @@ def find_duplicates(
             seen_ids[sid] = i
             pending.append(i)
 
-    by_formula: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for i in pending:
-        by_formula[batch[i][1].composition.reduced_formula][0].append(i)
-    for k, (_, structure) in enumerate(known):
-        formula = structure.composition.reduced_formula
-        if formula in by_formula:
-            by_formula[formula][1].append(k)
+    def formula(structure: Structure) -> str:
+        return structure.composition.reduced_formula
 
-    crowded = [(b, kn) for b, kn in by_formula.values() if len(b) + len(kn) > 1]
-    for batch_idx, known_idx in tqdm(crowded, desc="dedup buckets", disable=not progress, leave=False):
-        reduced_known: dict[int, list[tuple[str, Structure]]] = defaultdict(list)
-        for k in known_idx:
-            red = _reduced(known[k][1])
-            reduced_known[len(red)].append((known[k][0], red))
-        unique: dict[int, list[tuple[str, Structure]]] = defaultdict(list)
-        for i in batch_idx:
-            sid, structure = batch[i]
-            red = _reduced(structure)
-            n = len(red)
-            match = _first_match(matcher, red, reduced_known[n])
-            if match is not None:
-                result[i] = Duplicate(i, match, known=True)
-                continue
-            match = _first_match(matcher, red, unique[n])
-            if match is not None:
-                result[i] = Duplicate(i, match, known=False)
-            else:
-                unique[n].append((sid, red))
+    crowd = Counter(formula(batch[i][1]) for i in pending)
+    known_index, unique = UniqueIndex(), UniqueIndex()
+    for sid, structure in known:
+        if formula(structure) in crowd:
+            crowd[formula(structure)] += 1
+            known_index.add(sid, UniqueIndex.reduce(structure))
+    crowded = [i for i in pending if crowd[formula(batch[i][1])] > 1]  # a formula alone needs no fit
+    for i in tqdm(crowded, desc="dedup", disable=not progress, leave=False):
+        sid, structure = batch[i]
+        reduced = UniqueIndex.reduce(structure)
+        if (match := known_index.match(reduced)) is not None:
+            result[i] = Duplicate(i, match, known=True)
+        elif (match := unique.match(reduced)) is not None:
+            result[i] = Duplicate(i, match, known=False)
+        else:
+            unique.add(sid, reduced)
     return dict(sorted(result.items()))

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, overload
 import numpy as np
 from pymatgen.core import Structure
 
+from core.dedup import UniqueIndex
 from core.structures import structure_id, validity_problem
 
 
@@ -124,9 +125,11 @@ def keep_best(
     """Per target, the ``n_kept`` valid, distinct structures whose score is closest (relatively) to the target.
 
     Samples are ranked by |score - target| / target and taken from the top while skipping invalid
-    structures (``batch.problems``, else ``core.structures.validity_problem``) and duplicates (same
-    ``structure_id``). A target may get fewer than ``n_kept`` if too few samples are valid and
-    distinct. ``with_index`` also returns the kept samples' indices in ``batch``.
+    structures (``batch.problems``, else ``core.structures.validity_problem``) and duplicates of a structure
+    already kept for that target: same ``structure_id``, else a fit by stage I's matcher (``core.dedup``), so
+    copies of one crystal, which score alike and so rank side by side, do not fill the kept set. A target may
+    get fewer than ``n_kept`` if too few samples are valid and distinct. ``with_index`` also returns the kept
+    samples' indices in ``batch``.
     """
     if n_kept < 1:
         raise ValueError("n_kept must be at least 1")
@@ -135,6 +138,7 @@ def keep_best(
         idx = np.flatnonzero(batch.targets == target)
         err = np.abs(batch.scores[idx] - target) / max(abs(float(target)), 1e-9)
         seen: set[str] = set()
+        kept_here, n_here = UniqueIndex(), 0
         for i in idx[np.argsort(err, kind="stable")]:
             s = batch.structures[i]
             if (batch.problems[i] if batch.problems is not None else validity_problem(s)) is not None:
@@ -143,8 +147,13 @@ def keep_best(
             if sid in seen:
                 continue
             seen.add(sid)
+            reduced = UniqueIndex.reduce(s)
+            if kept_here.match(reduced) is not None:
+                continue
+            kept_here.add(sid, reduced)
             keep.append(int(i))
-            if len(seen) == n_kept:
+            n_here += 1
+            if n_here == n_kept:
                 break
     kept = batch.take(keep)
     return (kept, np.asarray(keep, dtype=int)) if with_index else kept
