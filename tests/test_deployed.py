@@ -35,7 +35,15 @@ def test_loop_deployment_runs_every_stage_on_its_pool(tmp_path):
             # loose structure matching so that a candidate of the tiny generator reaches DFT
             "fam_settings": {"ltol": 0.6, "stol": 1.0, "angle_tol": 20.0},
         },
-        "label": {"limit": 1},
+        # one structure, one attempt, few steps, loose k-points and clamped ions: the tiny generator's crystals can
+        # hold ten atoms (Os4Ru6), which GPAW takes ~20 minutes to label on 2 cores; this test is about the routing
+        # of the stage to the hpc pool, so a DFT job that ran there and ended failed counts as much as a label
+        "label": {
+            "limit": 1,
+            "max_attempts": 1,
+            "overrides": {"kspacing": 1.2, "relax_steps": 5},
+            "elastic": {"strains": [-0.01, 0.01], "eos_strains": [], "relax_ions": False},
+        },
         "label_source": "dft",  # the default size (laptop) labels with the FAM
         "predictor_config": "small",
         "generator_config": "small",
@@ -78,8 +86,8 @@ def test_loop_deployment_runs_every_stage_on_its_pool(tmp_path):
     print(rows)
     assert [r["target"] for r in rows] == [300.0] and rows[0]["n_kept"] == 4
     assert rows[0]["n_fam_pass"] >= 1
-    dft = lake.query("SELECT count(*) n FROM jobs WHERE stage = 'dft' AND state = 'completed'").column("n")[0].as_py()
-    assert dft > 0  # the label flow ran DFT on the hpc pool
+    dft = lake.query("SELECT state FROM jobs WHERE stage = 'dft'").column("state").to_pylist()
+    assert dft and set(dft) <= {"completed", "failed"}  # the label flow ran DFT on the hpc pool, to an end
     labeled = lake.query("SELECT status FROM candidates WHERE dft_verdict IS NOT NULL").column("status").to_pylist()
     assert labeled and set(labeled) <= {"labeled", "failed"}
     assert lake.fs.exists(lake.path("plots", "iteration=0", "mape_per_target.png"))
