@@ -65,8 +65,8 @@ class UniqueIndex:
     stage-I duplicate of another candidate kept for that target.
     """
 
-    def __init__(self, matcher: StructureMatcher | None = None) -> None:
-        self.matcher = matcher or make_matcher()
+    def __init__(self) -> None:
+        self.matcher = make_matcher()
         self._buckets: dict[tuple[str, int], list[tuple[str, Structure]]] = defaultdict(list)
 
     @staticmethod
