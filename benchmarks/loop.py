@@ -191,14 +191,25 @@ def main() -> None:
     if args.compare and args.parallel:
         rows = run_arms_in_parallel(args)
     else:
-        rows = json_rows(
-            [r for feedback in arms for seed in range(args.seeds) for r in run_arm(args, grader, feedback, seed)]
-        )
+        rows = []
+        for feedback in arms:
+            for seed in range(args.seeds):
+                rows += json_rows(run_arm(args, grader, feedback, seed))
+                write_json(args.json, rows)  # after every loop, so a stopped run keeps the seeds it finished
     summarize(rows)
     print(f"\ntotal {time.perf_counter() - started:.0f} s for {len(arms)} arm(s) x {args.seeds} seed(s)")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=float))
+        write_json(args.json, rows)
         print(f"wrote {args.json}")
+
+
+def write_json(path: Path | None, rows: list[dict[str, Any]]) -> None:
+    """``--json``: the rows so far, replaced atomically (a reader never sees half a file)."""
+    if path is None:
+        return
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(rows, indent=1, default=float))
+    partial.replace(path)
 
 
 def run_arms_in_parallel(args: argparse.Namespace) -> list[dict[str, Any]]:
