@@ -1,16 +1,14 @@
 """The ``label`` flow (stage III): the candidates that passed the FAM screen, ``fam_pass`` -> ``labeled`` | ``failed``.
 
-Per structure: one relaxation job, then one job per strain and EOS point of the relaxed cell, fanned out on the
-task runner ``deployments.runners`` chooses (threads, a local Dask cluster, SLURM jobs); ``core.labeling`` decides
-each outcome (no fit from a partial strain set) and ``storage.records`` writes the DFT rows. Only candidates still
-at ``fam_pass`` are read, so a rerun picks up exactly the structures without a terminal state, and the task cache
-makes finished jobs free.
+Select the survivors from the lake, let ``core.acquisition`` choose which to label, then label them by the FAM's K
+or by DFT: the ``label-dft`` subflow (``flows.label_dft``) on the task runner ``deployments.runners`` picks
+(threads, a local Dask cluster, SLURM jobs). Only candidates still at ``fam_pass`` are read, so a rerun picks up
+exactly the structures without a terminal state, and the task cache makes finished jobs free.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -18,21 +16,21 @@ from prefect.runtime import flow_run as runtime_flow_run
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.acquisition import AcquisitionSettings, choose
-from core.dft import PRESETS, DftSettings, resolve
+from core.dft import PRESETS, DftSettings
 from core.dft import PresetName as DftPreset
-from core.elastic import ElasticResult, ElasticSettings, deformations, fit
+from core.elastic import ElasticSettings
 from core.failures import FaultInjection
-from core.labeling import StructureOutcome, dft_outcome, failed_outcome, failure_text, fam_label_outcome
+from core.labeling import StructureOutcome, failed_outcome, fam_label_outcome
 from core.settings import SlurmOptions
-from core.structures import from_atoms, from_row, to_atoms
+from core.structures import from_row, to_atoms
 from deployments.runners import Runner, task_runner
+from flows.label_dft import label_dft
 from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import Status, current, record_acquisition, record_label
 from storage.queries import dft_hours_estimate, label_inputs
-from storage.records import record_dft_results, record_fam_label
-from tasks.common import in_lake
-from tasks.dft import atoms_from_dict, atoms_to_dict, dft_point, dft_relax
+from storage.records import record_fam_label
+from tasks.dft import atoms_to_dict
 
 
 class LabelSettings(BaseModel):
@@ -87,103 +85,6 @@ class LabelParams(LabelSettings):
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
-
-
-@dataclass
-class StrainSet:
-    """One structure's DFT work in flight: its relaxed cell, the strain/EOS plan and one future per point."""
-
-    relaxed: Any
-    plan: list[Any]
-    settings: DftSettings
-    energy: float
-    futures: dict[str, Any]
-
-    @classmethod
-    def submit(
-        cls, point_task: Any, lake_url: str, sid: str, relaxed_info: dict[str, Any], params: LabelParams
-    ) -> StrainSet:
-        """One job per point of the relaxed cell, with the settings the relaxation succeeded with (k-mesh fixed
-        on the relaxed cell)."""
-        relaxed = atoms_from_dict(relaxed_info["atoms"])
-        settings = resolve(DftSettings.model_validate({**relaxed_info["settings"], "kpts": None}), relaxed)
-        plan = deformations(relaxed, params.elastic)
-        futures = {
-            d.label: point_task.submit(
-                lake_url,
-                sid,
-                d.label,
-                atoms_to_dict(d.atoms),
-                settings,
-                params.elastic,
-                params.faults,
-                params.max_attempts,
-            )
-            for d in plan
-        }
-        return cls(relaxed, plan, settings, relaxed_info["energy"], futures)
-
-    def collect(self, params: LabelParams) -> tuple[ElasticResult, dict[str, str]]:
-        """Wait for every point; the tensor fitted from the complete set, and the error of each point that failed."""
-        results: dict[str, Any] = {}
-        errors: dict[str, str] = {}
-        for point, future in self.futures.items():
-            try:
-                value = future.result()
-                results[point] = (value["stress"], value["energy"])
-            except Exception as exc:
-                results[point], errors[point] = None, failure_text(exc, params.max_attempts)
-        return fit(self.relaxed, self.plan, results, params.elastic), errors
-
-
-@flow(name="label-dft", log_prints=True)
-def label_dft(lake_url: str, iteration: int, work: list[dict[str, Any]], params: LabelParams) -> list[StructureOutcome]:
-    """Run the DFT jobs of ``work`` (structure_id, atoms, candidates) on this flow's task runner and
-    write each structure's results as soon as its strain set is complete."""
-    logger = get_run_logger()
-    lake, run_id = Lake(lake_url), runtime_flow_run.get_id()
-    base = params.settings()
-    relax_task = in_lake(dft_relax, lake_url).with_options(retries=params.max_attempts - 1)
-    point_task = in_lake(dft_point, lake_url).with_options(retries=params.max_attempts - 1)
-    relaxing = {
-        item["structure_id"]: relax_task.submit(
-            lake_url,
-            item["structure_id"],
-            item["atoms"],
-            resolve(base, atoms_from_dict(item["atoms"])),
-            params.faults,
-            params.max_attempts,
-        )
-        for item in work
-    }
-    outcomes: dict[str, StructureOutcome] = {}
-    in_flight: dict[str, StrainSet] = {}
-    for item in work:  # every relaxation first, so the strain sets of all structures run side by side
-        sid = item["structure_id"]
-        try:
-            relaxed_info = relaxing[sid].result()
-        except Exception as exc:
-            outcomes[sid] = failed_outcome(sid, "relax " + failure_text(exc, params.max_attempts))
-            record_label(lake, iteration, item["candidates"], outcomes[sid], run_id)
-            continue
-        in_flight[sid] = StrainSet.submit(point_task, lake_url, sid, relaxed_info, params)
-        logger.info(
-            "%s relaxed in %d steps; %d strain/EOS jobs submitted",
-            sid,
-            relaxed_info["n_steps"],
-            len(in_flight[sid].plan),
-        )
-    for item in work:
-        sid = item["structure_id"]
-        if sid in in_flight:
-            jobs = in_flight[sid]
-            result, errors = jobs.collect(params)
-            relaxed_id = record_dft_results(
-                lake, iteration, sid, from_atoms(jobs.relaxed), jobs.energy, jobs.settings, result, run_id
-            )
-            outcomes[sid] = dft_outcome(sid, relaxed_id, jobs.settings.method, result, errors)
-            record_label(lake, iteration, item["candidates"], outcomes[sid], run_id)
-    return [outcomes[item["structure_id"]] for item in work]
 
 
 def _label_with_fam(
@@ -263,7 +164,9 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
         )
         if work:
             runner = task_runner(params.runner, params.workers, params.slurm)
-            outcomes += label_dft.with_options(task_runner=runner)(lake.url, params.iteration, work, params)
+            outcomes += label_dft.with_options(task_runner=runner)(
+                lake.url, params.iteration, work, params.settings(), params.elastic, params.faults, params.max_attempts
+            )
         n_ok = sum(o.verdict == "labeled" for o in outcomes)
         logger.info("iteration %d: %d labeled, %d failed", params.iteration, n_ok, len(outcomes) - n_ok)
         return outcomes
