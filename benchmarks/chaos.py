@@ -523,6 +523,8 @@ def check(
     out: Path,
 ) -> dict[str, Any]:
     """The checks, printed; returns them as a dict (``--json``)."""
+    from storage.candidates import n_open
+
     landed = [k for k in kills if k["killed"]]
     windows = Counter()
     for k in landed:
@@ -563,16 +565,8 @@ def check(
     )
     for line in files["unreadable_parquet"] + files["stray_tmp"][:10] + files["unloadable_results"]:
         print(f"  {line}")
-    open_candidates = (
-        chaos_lake.query("SELECT count(*) n FROM candidates WHERE status NOT IN ('rejected', 'failed', 'labeled')")
-        .column("n")[0]
-        .as_py()
-    )
-    ref_open = (
-        ref_lake.query("SELECT count(*) n FROM candidates WHERE status NOT IN ('rejected', 'failed', 'labeled')")
-        .column("n")[0]
-        .as_py()
-    )
+    open_candidates = n_open(chaos_lake)
+    ref_open = n_open(ref_lake)
     n_cand = chaos_lake.counts()["candidates"]
     print(f"candidates without a terminal status: {open_candidates} of {n_cand} (reference {ref_open})")
 

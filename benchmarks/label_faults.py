@@ -28,7 +28,7 @@ from core.failures import FailureClass, FaultInjection
 from core.structures import from_atoms, split_of, to_row
 from flows.label import LabelParams, label
 from storage import Lake
-from storage.candidates import TERMINAL, advance, current
+from storage.candidates import advance, n_open
 
 FCC = {"Cu": 3.61, "Ni": 3.52, "Pd": 3.89, "Al": 4.05, "Ag": 4.09, "Au": 4.08, "Pt": 3.92}
 
@@ -86,8 +86,7 @@ def main() -> None:
             .column(0)[0]
             .as_py()
         )
-        statuses = Counter(c["status"] for c in current(lake, 0))
-        not_terminal = sum(n for s, n in statuses.items() if s not in TERMINAL)
+        not_terminal = n_open(lake, 0)
         reasons_ok = all(o.reason for o in outcomes if o.verdict == "failed")
         before = lake.counts()["jobs"]
         rerun = label(params)

@@ -54,6 +54,14 @@ def current(lake: Lake, iteration: int, status: str | None = None) -> list[dict[
     return lake.query(f"SELECT * FROM candidates WHERE {where} ORDER BY target, structure_id", params).to_pylist()
 
 
+def n_open(lake: Lake, iteration: int | None = None) -> int:
+    """How many current candidates (of one iteration, or of all) no stage has finished with (status not in
+    ``TERMINAL``): after a completed loop, zero."""
+    where = "status NOT IN (SELECT unnest(?))" + (" AND iteration = ?" if iteration is not None else "")
+    params = [sorted(TERMINAL)] + ([iteration] if iteration is not None else [])
+    return int(lake.query(f"SELECT count(*) FROM candidates WHERE {where}", params).column(0)[0].as_py())
+
+
 def advance(lake: Lake, updates: Sequence[Mapping[str, Any]], *, stage: str, run_id: str | None = None) -> int:
     """Append a new row per update, merged over the candidate's current row. Returns rows written."""
     if not updates:

@@ -10,7 +10,7 @@ from core.failures import FailureClass, FaultInjection
 from core.structures import from_atoms, split_of, to_row
 from flows.label import LabelParams, label
 from storage import Lake
-from storage.candidates import advance, current
+from storage.candidates import advance, current, n_open
 from storage.queries import labeled_k_vrh
 from storage.rows import ElasticPayload
 
@@ -46,9 +46,11 @@ def emt_cells(n: int = 2):
 
 def test_label_emt_labels_joins_training_data_and_rerun_recomputes_nothing(lake, prefect_server):
     ids = seed_candidates(lake, emt_cells(2))
+    assert n_open(lake) == n_open(lake, 0) == 2 and n_open(lake, 1) == 0
     params = LabelParams(lake_url=lake.url, preset="emt")
     outcomes = label(params)
     assert [o.verdict for o in outcomes] == ["labeled", "labeled"], outcomes
+    assert n_open(lake) == 0
     cands = current(lake, 0)
     assert {c["status"] for c in cands} == {"labeled"}
     assert all(c["dft_method"].startswith("dft:emt/") and c["dft_k"] > 0 for c in cands)
