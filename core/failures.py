@@ -16,10 +16,13 @@ hash of (seed, job key), so tests and benchmarks exercise the real retry path re
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import signal
+import subprocess
+import time
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -177,6 +180,10 @@ class FaultInjection(BaseModel):
     """Most failing attempts of a picked job (above max_attempts: the job ends failed)."""
     only: str = ""
     """Inject only into jobs whose calculation label starts with this (``relax``, ``strain:``, ``eos:``)."""
+    effect: Literal["raise", "kill", "hang"] = "raise"
+    """raise: the picked attempts raise ``failure``. kill: they die as a lost node or a cancelled job does (their
+    SLURM job cancelled with ``scancel`` when they run in one, else their process SIGKILLed). hang: they sleep
+    until something kills them (a SLURM walltime)."""
 
     def _draw(self, key: str) -> tuple[float, int]:
         digest = hashlib.sha256(f"{self.seed}|{key}".encode()).digest()
@@ -190,13 +197,42 @@ class FaultInjection(BaseModel):
         return self.fraction > 0 and calculation.startswith(self.only) and self._draw(key)[0] < self.fraction
 
     def check(self, key: str, calculation: str, attempt: int) -> None:
-        """Raise the injected failure if this job fails on this (1-based) attempt."""
-        if not self.picks(key, calculation):
+        """Fail this job's (1-based) attempt the chosen way if it is one of the job's failing attempts."""
+        if not self.picks(key, calculation) or attempt > self._draw(key)[1]:
             return
-        _, n_failed = self._draw(key)
-        if attempt <= n_failed:
-            raise DftFailure(
-                self.failure,
-                f"injected fault (seed {self.seed}, attempt {attempt} of {n_failed} failing)",
-                injected=True,
-            )
+        if self.effect == "kill":
+            lose_this_process()
+        if self.effect == "hang":
+            time.sleep(24 * 3600)
+        raise DftFailure(
+            self.failure,
+            f"injected fault (seed {self.seed}, attempt {attempt} of {self._draw(key)[1]} failing)",
+            injected=True,
+        )
+
+
+def lost_class(host: str | None) -> FailureClass:
+    """Why an attempt that died with its process died: ``walltime`` when the SLURM job it ran in (``host`` ends
+    in ``slurm:<job id>``) ended in TIMEOUT, as ``scontrol`` still reports for a while; else ``node_lost``."""
+    match = re.search(r"slurm:(\d+)", host or "")
+    if match:
+        try:
+            out = subprocess.run(
+                ["scontrol", "-o", "show", "job", match.group(1)], capture_output=True, text=True, timeout=20
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        if re.search(r"\bJobState=TIMEOUT\b", out):
+            return FailureClass.WALLTIME
+    return FailureClass.NODE_LOST
+
+
+def lose_this_process() -> NoReturn:
+    """Die the way a lost node or a cancelled job dies: ``scancel`` of this process's SLURM job (then wait for
+    SLURM to kill it), else SIGKILL, so nothing in this process gets to clean up or record anything."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        subprocess.run(["scancel", job], check=False, timeout=30, capture_output=True)
+        time.sleep(120)  # SLURM signals the job's processes; SIGKILL below only if it did not
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise SystemExit(137)  # not reached

@@ -19,7 +19,7 @@ from core.acquisition import AcquisitionSettings, choose
 from core.dft import PRESETS, DftSettings
 from core.dft import PresetName as DftPreset
 from core.elastic import ElasticSettings
-from core.failures import FaultInjection
+from core.failures import FaultInjection, lost_class
 from core.labeling import StructureOutcome, failed_outcome, fam_label_outcome
 from core.settings import SlurmOptions
 from core.structures import from_row, to_atoms
@@ -29,7 +29,7 @@ from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import Status, current, record_acquisition, record_label
 from storage.queries import dft_hours_estimate, label_inputs
-from storage.records import record_fam_label
+from storage.records import close_lost_jobs, record_fam_label
 from tasks.dft import atoms_to_dict
 
 
@@ -115,13 +115,15 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
     lake = Lake(params.lake_url)
     params.settings()  # fail fast on an unknown preset or a bad override
     with stage_lock(lake, "label", params.loop_run_id):
+        run_id = runtime_flow_run.get_id()
+        if closed := close_lost_jobs(lake, lost_class, run_id):
+            logger.warning("%d DFT attempts left running by a killed run recorded as lost", closed)
         by_structure: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for cand in current(lake, params.iteration, status=Status.FAM_PASS):
             by_structure[cand["structure_id"]].append(cand)
         if not by_structure:
             logger.info("iteration %d: no candidates at fam_pass, nothing to label", params.iteration)
             return []
-        run_id = runtime_flow_run.get_id()
         generated, relaxed = label_inputs(lake, list(by_structure))
         priced = dft_hours_estimate(lake, generated | relaxed) if params.acquisition.budget_cpu_hours else None
         choices = choose(by_structure, params.acquisition, params.limit, priced)

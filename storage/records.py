@@ -9,7 +9,7 @@ after a kill writes each row once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from pymatgen.core import Structure
@@ -17,6 +17,7 @@ from pymatgen.core import Structure
 from core.costs import Cost
 from core.dft import DftSettings
 from core.elastic import ElasticResult
+from core.failures import FailureClass
 from core.labeling import StructureOutcome
 from core.provenance import settings_hash
 from core.structures import to_row
@@ -24,6 +25,7 @@ from storage.lake import Lake
 from storage.queries import LOOP_LABEL_FLAG
 from storage.registry import ModelRecord
 from storage.rows import (
+    JobRow,
     Origin,
     PredictionPayload,
     elastic_rows,
@@ -134,6 +136,29 @@ def record_fam_batch(
         if o.relaxed is not None
     ]
     lake.append_new("structures", relaxed, run_id=run_id)
+
+
+def lost_attempt(running: Mapping[str, Any], failure: FailureClass, *, retrying: bool) -> JobRow:
+    """The row that closes an attempt whose process died while it was ``running``, with the class and a message
+    naming the host it died on: ``retrying`` when the job gets another attempt, else ``failed``."""
+    fields = {k: running[k] for k in JobRow.model_fields if k in running and k not in ("state", "error_message")}
+    return JobRow(
+        **fields | {"error_class": failure},
+        state="retrying" if retrying else "failed",
+        error_message=f"{failure}: the process running attempt {running['attempt']} on {running['host']} died "
+        "before it finished (cancelled, killed or its node lost)",
+    )
+
+
+def close_lost_jobs(lake: Lake, lost_class: Callable[[str | None], FailureClass], run_id: Any) -> int:
+    """Close every DFT attempt still ``running`` as failed (``lost_class`` says why from its host): called by a
+    label run under the lake's label lock, when no other DFT job of this lake can be alive, so these are the jobs
+    of a run that was killed; their task runs never resume (a rerun starts new ones, the cache keeping what
+    completed). Returns how many were closed."""
+    running = lake.query("SELECT * FROM jobs WHERE stage = 'dft' AND state = 'running'").to_pylist()
+    rows = [lost_attempt(r, lost_class(r["host"]), retrying=False).row() for r in running]
+    lake.append("jobs", rows, run_id=run_id)
+    return len(rows)
 
 
 def record_dft_results(

@@ -251,7 +251,9 @@ def prediction_row(
     )
 
 
-JobState = Literal["completed", "retrying", "failed"]
+JobState = Literal["running", "completed", "retrying", "failed"]
+"""``running``: a DFT attempt in progress, written when it starts; an attempt whose process died keeps it until the
+next attempt of its job (or the next label run) records it as lost."""
 JobStage = Literal["train", "generate", "gnn", "fam", "dft"]
 
 

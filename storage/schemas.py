@@ -97,7 +97,7 @@ JOBS = pa.schema(
         pa.field("settings_json", pa.string()),
         pa.field("settings_hash", pa.string()),
         pa.field("attempt", pa.int32()),
-        pa.field("state", pa.string()),  # completed | failed | retrying
+        pa.field("state", pa.string()),  # running (a DFT attempt in progress, or lost) | completed | failed | retrying
         pa.field("error_class", pa.string()),  # scf_unconverged | relax_unconverged | walltime | node_lost | bad_input
         pa.field("error_message", pa.string()),
         pa.field("wall_time_s", pa.float64()),

@@ -23,17 +23,31 @@ from typing import Any, Literal
 import numpy as np
 from ase import Atoms
 from prefect import get_run_logger
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import task_run as runtime_task_run
 from prefect.states import State
 
 from core.costs import measured
 from core.dft import DftSettings, escalate, run_point, run_relax
 from core.elastic import ElasticSettings
-from core.failures import DftFailure, FailureClass, FaultInjection, as_failure, classify_exception, is_transient
+from core.failures import (
+    DftFailure,
+    FailureClass,
+    FaultInjection,
+    as_failure,
+    classify_exception,
+    is_transient,
+    lost_class,
+)
 from core.provenance import canonical_json, settings_hash
 from storage import Lake
+from storage.records import lost_attempt
 from storage.rows import JobRow
 from tasks.common import compute_task
+
+DFT_CACHE = (INPUTS - "faults" - "max_attempts") + TASK_SOURCE
+"""A DFT result depends on the structure and the settings, not on the retry budget or on the faults injected into
+attempts that fail: a rerun with another budget, or without injection, reuses every completed calculation."""
 
 AtomsDict = dict[str, Any]
 """A JSON-able cell: symbols, cell (3x3 Å), scaled_positions. Hashable by Prefect's cache policy."""
@@ -68,16 +82,26 @@ def retry_transient(task: Any, task_run: Any, state: State) -> bool:
     return False
 
 
-def _earlier_failures(lake: Lake, job_id: str, attempt: int) -> list[FailureClass]:
-    """Failure classes of this job's earlier attempts, in order, as recorded in ``jobs``."""
-    if attempt <= 1:
-        return []
-    rows = lake.query(
-        "SELECT error_class FROM jobs_history WHERE job_id = ? AND attempt < ? AND error_class IS NOT NULL "
-        "ORDER BY attempt",
-        [job_id, attempt],
-    ).to_pylist()
-    return [FailureClass(r["error_class"]) for r in rows]
+def _attempt_history(lake: Lake, job_id: str, run_count: int, max_attempts: int) -> tuple[int, list[FailureClass]]:
+    """The number of the attempt about to start, and the failure classes of the job's earlier attempts in order.
+
+    The number is Prefect's run count, or one past the last attempt ``jobs`` holds when an attempt died with its
+    process (a cancelled SLURM job, a killed worker) and Dask ran the task again on another worker; each such
+    attempt, still ``running``, is recorded as lost first (``node_lost``, or ``walltime`` where SLURM says so).
+    """
+    rows = lake.query("SELECT * FROM jobs WHERE job_id = ? ORDER BY attempt", [job_id]).to_pylist()
+    lost = [
+        lost_attempt(r, lost_class(r["host"]), retrying=r["attempt"] < max_attempts).row()
+        for r in rows
+        if r["state"] == "running"
+    ]
+    if lost:
+        lake.append("jobs", lost)
+        rows = [r for r in rows if r["state"] != "running"] + lost
+    attempt = max([run_count, *(r["attempt"] + 1 for r in rows)])
+    return attempt, [
+        FailureClass(r["error_class"]) for r in sorted(rows, key=lambda r: r["attempt"]) if r["error_class"]
+    ]
 
 
 def _run_job(
@@ -93,9 +117,11 @@ def _run_job(
     """One attempt of a job: escalate from the earlier attempts, run, record the attempt in ``jobs``."""
     lake = Lake(lake_url)
     logger = get_run_logger()
-    attempt = max(int(runtime_task_run.get_run_count() or 1), 1)
-    job_id = runtime_task_run.get_id() or f"{structure_id}/{calculation}/{base.full_hash()}"
-    settings, steps = escalate(base, _earlier_failures(lake, job_id, attempt), scope)
+    job_id = str(runtime_task_run.get_id() or f"{structure_id}/{calculation}/{base.full_hash()}")
+    attempt, earlier = _attempt_history(lake, job_id, max(int(runtime_task_run.get_run_count() or 1), 1), max_attempts)
+    if attempt > max_attempts:  # Dask ran the task again after its last attempt was lost: nothing left to spend
+        raise DftFailure(earlier[-1] if earlier else FailureClass.NODE_LOST, f"all {max_attempts} attempts used")
+    settings, steps = escalate(base, earlier, scope)
     if steps:
         logger.info("%s %s attempt %d escalated: %s", structure_id, calculation, attempt, "; ".join(steps))
     job = {
@@ -110,6 +136,7 @@ def _run_job(
         "host": _host(),
         "device": "cpu",
     }
+    lake.append("jobs", [JobRow(**job, state="running").row()])  # what remains if this process dies mid-job
     try:
         with measured(per_thread=True) as cost:  # jobs share this process on threads: count this thread's CPU only
             faults.check(f"{structure_id}/{calculation}", calculation, attempt)
@@ -132,7 +159,7 @@ def _run_job(
     return value, settings, attempt
 
 
-@compute_task(name="dft-relax", retry_condition_fn=retry_transient, tags=["dft"])
+@compute_task(name="dft-relax", cache_policy=DFT_CACHE, retry_condition_fn=retry_transient, tags=["dft"])
 def dft_relax(
     lake_url: str,
     structure_id: str,
@@ -160,7 +187,7 @@ def dft_relax(
     }
 
 
-@compute_task(name="dft-point", retry_condition_fn=retry_transient, tags=["dft"])
+@compute_task(name="dft-point", cache_policy=DFT_CACHE, retry_condition_fn=retry_transient, tags=["dft"])
 def dft_point(
     lake_url: str,
     structure_id: str,

@@ -3,6 +3,13 @@ fault injection, caching and resume; one real-GPAW structure (marked dft + slow)
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
 import pytest
 from ase.build import bulk
 
@@ -15,6 +22,19 @@ from storage.queries import labeled_k_vrh
 from storage.rows import ElasticPayload
 
 EMT_CELLS = {"Cu": 3.61, "Ni": 3.52, "Pd": 3.89, "Al": 4.05}
+REPO = Path(__file__).resolve().parent.parent
+KILLED_POINT = "strain:xx:+0.005"
+KILL_ONE_POINT = FaultInjection(fraction=1.0, effect="kill", only=KILLED_POINT)
+"""The first attempt of one strain point dies with its process, as under a lost node or a cancelled job."""
+
+# A label run whose process dies in the middle of a strain point (local runner: the jobs run on its threads).
+KILLED_LABEL_RUN = f"""
+import sys
+from core.failures import FaultInjection
+from flows.label import LabelParams, label
+faults = FaultInjection.model_validate_json({KILL_ONE_POINT.model_dump_json()!r})
+label(LabelParams(lake_url=sys.argv[1], preset="emt", faults=faults))
+"""
 
 
 def seed_candidates(lake: Lake, atoms_list, iteration: int = 0, target: float = 150.0) -> list[str]:
@@ -80,8 +100,10 @@ def test_transient_failures_escalate_then_succeed_and_every_attempt_is_a_job_row
     for row in history:
         by_job.setdefault(row["job_id"], []).append(row)
     assert len(by_job) == 12  # relax + 11 strain/EOS points of a cubic cell
-    for rows in by_job.values():
-        rows.sort(key=lambda r: r["attempt"])
+    for history_rows in by_job.values():
+        opened = sorted(r["attempt"] for r in history_rows if r["state"] == "running")
+        assert opened == [1, 2, 3]  # each attempt is recorded when it starts, in case its process dies
+        rows = sorted((r for r in history_rows if r["state"] != "running"), key=lambda r: r["attempt"])
         assert [r["state"] for r in rows] == ["retrying", "retrying", "completed"]
         assert [r["error_class"] for r in rows[:2]] == ["scf_unconverged"] * 2
         # attempt 2 halved the mixing; attempt 3 switched the eigensolver
@@ -98,8 +120,10 @@ def test_bad_input_fails_at_once_with_reason(lake, prefect_server):
     outcomes = label(LabelParams(lake_url=lake.url, preset="emt", faults=faults, max_attempts=3))
     assert outcomes[0].verdict == "failed"
     assert outcomes[0].reason.startswith("relax bad_input at once")
-    jobs = lake.read("jobs", history=True).to_pylist()
+    jobs = lake.read("jobs").to_pylist()
     assert len(jobs) == 1 and jobs[0]["state"] == "failed" and jobs[0]["error_class"] == "bad_input"
+    history = sorted(lake.read("jobs", history=True).to_pylist(), key=lambda r: r["created_at"])
+    assert [r["state"] for r in history] == ["running", "failed"]
     cand = current(lake, 0)[0]
     assert cand["status"] == "failed" and cand["dft_verdict"] == "failed" and "bad_input" in cand["dft_reason"]
 
@@ -150,3 +174,46 @@ def test_label_one_tungsten_cell_with_gpaw(lake, prefect_server):
     assert 250 < outcome.k_vrh < 360  # PBE 305.6 GPa; the loose preset is within ~15 %
     born = lake.query("SELECT value FROM properties WHERE name = 'born_stable'").column(0).to_pylist()
     assert born == [1.0]
+
+
+def test_a_label_run_killed_mid_job_resumes_and_records_the_lost_attempt(lake, prefect_server):
+    from prefect.settings import PREFECT_API_URL
+
+    seed_candidates(lake, emt_cells(1))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_LABEL_RUN, lake.url], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    running = lake.read("jobs", "state = 'running'").to_pylist()
+    assert [r["calculation"] for r in running] == [KILLED_POINT]  # what a killed process leaves
+    n_done_before = lake.read("jobs", "state = 'completed'").num_rows
+    assert n_done_before >= 1  # the relaxation at least
+
+    outcome = label(LabelParams(lake_url=lake.url, preset="emt"))[0]
+    assert outcome.verdict == "labeled", outcome
+    jobs = lake.read("jobs").to_pylist()
+    assert not [j for j in jobs if j["state"] == "running"]
+    (lost,) = [j for j in jobs if j["job_id"] == running[0]["job_id"]]
+    assert (lost["state"], lost["error_class"]) == ("failed", "node_lost")
+    assert "died before it finished" in lost["error_message"] and lost["host"] in lost["error_message"]
+    # the rerun computed the killed point and what had not started; what completed before the kill came from
+    # the task cache: every calculation completed exactly once
+    done = Counter(j["calculation"] for j in jobs if j["state"] == "completed")
+    assert len(done) == 12 and set(done.values()) == {1}, done
+    assert labeled_k_vrh(lake).num_rows == 1
+
+
+@pytest.mark.slow
+def test_a_dask_worker_killed_under_a_strain_point_is_recorded_lost_and_the_point_retried(lake, prefect_server):
+    seed_candidates(lake, emt_cells(1))
+    params = LabelParams(lake_url=lake.url, preset="emt", runner="dask", workers=1, faults=KILL_ONE_POINT)
+    outcome = label(params)[0]
+    assert outcome.verdict == "labeled", outcome
+    rows = sorted(lake.read("jobs", f"calculation = '{KILLED_POINT}'").to_pylist(), key=lambda r: r["attempt"])
+    assert [(r["attempt"], r["state"], r["error_class"]) for r in rows] == [
+        (1, "retrying", "node_lost"),
+        (2, "completed", None),
+    ]
+    assert len({r["job_id"] for r in rows}) == 1  # Dask ran the same task run again on the restarted worker
+    assert not lake.read("jobs", "state = 'running'").num_rows
