@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 
 import pytest
+from test_label import KILL_ONE_POINT, KILLED_POINT, emt_cells, seed_candidates  # tests/ is on sys.path
 
 from deployments.stack import Stack, free_port
 from storage import Lake
@@ -91,3 +93,41 @@ def test_loop_deployment_runs_every_stage_on_its_pool(tmp_path):
     labeled = lake.query("SELECT status FROM candidates WHERE dft_verdict IS NOT NULL").column("status").to_pylist()
     assert labeled and set(labeled) <= {"labeled", "failed"}
     assert lake.fs.exists(lake.path("plots", "iteration=0", "mape_per_target.png"))
+
+
+def _run_deployment(stack: Stack, name: str, params: dict, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """``prefect deployment run NAME --watch``, as a user types it."""
+    argv = [stack.prefect, "deployment", "run", name, "--params", json.dumps({"params": params}), "--watch"]
+    return subprocess.run(
+        [*argv, "--watch-timeout", str(timeout)], env=stack.env, capture_output=True, text=True, timeout=timeout + 60
+    )
+
+
+def test_a_deployed_label_run_whose_process_dies_crashes_and_a_rerun_finishes_it(tmp_path):
+    """The flow-run process a worker started dies in the middle of a DFT point (as under an OOM kill): Prefect
+    shows the run crashed, and running the deployment again labels the structure, computing only what had not
+    completed."""
+    lake = Lake(tmp_path / "lake")
+    seed_candidates(lake, emt_cells(1))
+    params = {"lake_url": lake.url, "preset": "emt"}
+    with Stack(lake.url, port=free_port(), home=tmp_path / "prefect") as stack:
+        killed = _run_deployment(stack, "label/hpc", {**params, "faults": KILL_ONE_POINT.model_dump(mode="json")})
+        wide = {**stack.env, "COLUMNS": "400"}
+        states = subprocess.run(
+            [stack.prefect, "flow-run", "ls", "--flow-name", "label", "--limit", "5"],
+            env=wide,
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert "CRASHED" in states.upper(), (killed.stdout[-2000:], states)
+        assert [r["calculation"] for r in lake.read("jobs", "state = 'running'").to_pylist()] == [KILLED_POINT]
+        rerun = _run_deployment(stack, "label/hpc", params)
+        logs = {p.name: p.read_text()[-3000:] for p in stack.log_dir.glob("*.log")}
+        assert rerun.returncode == 0 and "Completed" in rerun.stdout, (rerun.stdout[-3000:], logs)
+    jobs = lake.read("jobs").to_pylist()
+    assert not [j for j in jobs if j["state"] == "running"]
+    lost = [j for j in jobs if j["calculation"] == KILLED_POINT and j["state"] == "failed"]
+    assert [j["error_class"] for j in lost] == ["node_lost"]
+    done = Counter(j["calculation"] for j in jobs if j["state"] == "completed")
+    assert len(done) == 12 and set(done.values()) == {1}, done  # the rerun took the finished ones from the cache
+    assert [c["status"] for c in lake.read("candidates").to_pylist()] == ["labeled"]
