@@ -85,15 +85,19 @@ def gnn_verdicts(
 
 
 def fam_verdicts(
-    todo: Sequence[Mapping[str, Any]], outcomes: Mapping[str, FamOutcome], tolerance: float
+    todo: Sequence[Mapping[str, Any]],
+    outcomes: Mapping[str, FamOutcome],
+    tolerance: float,
+    e_above_hull: Mapping[str, float] | None = None,
 ) -> list[tuple[dict[str, Any], str]]:
     """Per candidate with an outcome, its stage II update and outcome (``pass``, ``error`` or the reject reason's
-    first word), in the order of ``todo``."""
+    first word), in the order of ``todo``. ``e_above_hull`` (eV/atom by structure id) where a design asks."""
     decided = []
     for cand in (c for c in todo if c["structure_id"] in outcomes):
         o = outcomes[cand["structure_id"]]
         el = o.elastic
-        values = stage_values(el.k_vrh, el.g_vrh, el.born_stable) if el else stage_values()
+        hull = (e_above_hull or {}).get(cand["structure_id"])
+        values = stage_values(el.k_vrh, el.g_vrh, el.born_stable, hull) if el else stage_values(e_above_hull=hull)
         conditions_json, failed = stage_checks(cand, "fam", values, tolerance)
         decision, reason = verdict(o, cand["target"], tolerance, failed if cand.get("design") else None)
         update = {

@@ -25,15 +25,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-PropertyName = Literal["k_vrh", "g_vrh", "g_vrh/k_vrh", "born_stable"]
+PropertyName = Literal["k_vrh", "g_vrh", "g_vrh/k_vrh", "born_stable", "e_above_hull"]
 PROPERTIES: dict[str, str] = {
     "k_vrh": "bulk modulus K_vrh, GPa",
     "g_vrh": "shear modulus G_vrh, GPa",
     "g_vrh/k_vrh": "Pugh's ratio G/K (below about 0.57: ductile)",
     "born_stable": "Born (mechanical) stability, 1 if stable",
+    "e_above_hull": "energy above the convex hull of the chemical system, eV/atom (FAM energies, stage II)",
 }
-"""The properties a condition may name, and what they are. (Energy above the hull is not evaluated by any
-stage yet, so a condition on it is refused rather than never met.)"""
+"""The properties a condition may name, and what they are."""
+
+UNWIDENED = frozenset({"born_stable", "e_above_hull"})
+"""Properties a stage checks strictly: its tolerance widens modulus windows (a predictor's error), not these."""
 
 Verdict = Literal["pass", "fail", "unknown"]
 
@@ -80,7 +83,7 @@ class Condition(BaseModel):
         ``unknown`` when the stage has no value for this property."""
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "unknown", "not evaluated"
-        widen = 0.0 if self.property == "born_stable" else tolerance
+        widen = 0.0 if self.property in UNWIDENED else tolerance
         low = None if self.low is None else self.low * (1 - widen)
         high = None if self.high is None else self.high * (1 + widen)
         if low is not None and value < low:
@@ -131,6 +134,11 @@ class DesignTarget(BaseModel):
     def text(self) -> str:
         return " and ".join(c.text for c in self.conditions)
 
+    @property
+    def properties(self) -> frozenset[str]:
+        """The property names the conditions are on."""
+        return frozenset(c.property for c in self.conditions)
+
     def evaluate(self, values: Mapping[str, float | None], tolerance: float = 0.0) -> dict[str, dict[str, Any]]:
         """Per condition (by its text): the value, the verdict and why, for the values a stage has."""
         out = {}
@@ -158,8 +166,6 @@ def parse_condition(text: str) -> Condition:
         if not m:
             continue
         name = re.sub(r"\s+", "", m.group(1))
-        if name == "e_above_hull":
-            raise DesignError(f"condition {clean!r}: no stage evaluates e_above_hull yet (no FAM convex hull)")
         if name not in PROPERTIES:
             raise DesignError(f"condition {clean!r}: unknown property {name!r}; known: {', '.join(PROPERTIES)}")
         try:
@@ -218,7 +224,10 @@ def _first_error(err: ValueError) -> str:
 
 
 def stage_values(
-    k_vrh: float | None = None, g_vrh: float | None = None, born_stable: bool | None = None
+    k_vrh: float | None = None,
+    g_vrh: float | None = None,
+    born_stable: bool | None = None,
+    e_above_hull: float | None = None,
 ) -> dict[str, float | None]:
     """The property values a stage has, by ``PROPERTIES`` name (G/K derived where both are known)."""
     ratio = g_vrh / k_vrh if g_vrh is not None and k_vrh else None
@@ -227,6 +236,7 @@ def stage_values(
         "g_vrh": g_vrh,
         "g_vrh/k_vrh": ratio,
         "born_stable": None if born_stable is None else float(born_stable),
+        "e_above_hull": e_above_hull,
     }
 
 

@@ -20,10 +20,12 @@ from prefect.runtime import flow_run
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from core.fam import FAM_NAMES, FamSettings
+from core.hull import chemical_system, e_above_hull
+from core.targets import design_of
 from flows.locking import stage_lock
 from storage import Lake
 from storage.candidates import Status, advance, current
-from storage.queries import dedup_references, structure_rows
+from storage.queries import dedup_references, known_phases, structure_rows
 from storage.records import record_fam_batch, record_predictions
 from tasks.common import in_lake, run_logger
 
@@ -163,6 +165,40 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     return counts
 
 
+def needs_hull(candidates: list[dict[str, Any]]) -> bool:
+    """Whether any candidate's design has a condition on ``e_above_hull`` (only then is a hull built)."""
+    return any(c.get("design") and "e_above_hull" in design_of(c).properties for c in candidates)
+
+
+def hull_distances(
+    lake: Lake,
+    outcomes: dict[str, Any],
+    model: str,
+    settings: FamSettings,
+    hulls: dict[tuple[str, ...], list[tuple[str, float]]],
+) -> dict[str, float]:
+    """eV/atom above its system's FAM hull of each relaxed outcome; ``hulls`` keeps each system's references
+    for the rest of the stage (``tasks.fam.fam_references``, cached)."""
+    from tasks.fam import fam_references, structure_input
+
+    task = in_lake(fam_references, lake.url)
+    out = {}
+    for sid, o in outcomes.items():
+        if o.relaxed is None or o.energy_per_atom is None:
+            continue
+        formula = o.relaxed["reduced_formula"]
+        system = chemical_system(formula)
+        if system not in hulls:
+            known = [structure_input(r) for r in known_phases(lake, system)]
+            refs = task(list(system), known, model, settings)
+            hulls[system] = [(r["formula"], r["energy_per_atom"]) for r in refs]
+        try:
+            out[sid] = e_above_hull(formula, o.energy_per_atom, hulls[system])
+        except ValueError as exc:  # an element whose every prototype failed to relax: the condition stays unknown
+            run_logger().warning("%s: no e_above_hull: %s", sid, exc)
+    return out
+
+
 def screen_fam(
     lake_url: str,
     iteration: int,
@@ -197,6 +233,7 @@ def screen_fam(
     rows = {r["structure_id"]: r for r in structure_rows(lake, ids)}  # raises LookupError naming missing ids
     run_id = _run_id()
     task = in_lake(fam_batch, lake_url)
+    hulls: dict[tuple[str, ...], list[tuple[str, float]]] | None = {} if needs_hull(todo) else None
     reasons: Counter[str] = Counter()
     logger.info(
         "iteration %d stage II: %d structures (%d candidates) with %s in batches of %d",
@@ -211,7 +248,8 @@ def screen_fam(
         results = {r["structure_id"]: r for r in task([structure_input(rows[s]) for s in chunk], model, settings)}
         outcomes = {sid: FamOutcome.model_validate(r["outcome"]) for sid, r in results.items()}
         record_fam_batch(lake, iteration, results, outcomes, model, settings, run_id)
-        decided = fam_verdicts(todo, outcomes, tolerance)
+        distances = hull_distances(lake, outcomes, model, settings, hulls) if hulls is not None else {}
+        decided = fam_verdicts(todo, outcomes, tolerance, distances)
         for update, reason in decided:
             counts[{"pass": "passed", "reject": "rejected", "error": "errors"}[update["fam_verdict"]]] += 1
             reasons[reason] += 1

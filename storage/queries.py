@@ -123,6 +123,26 @@ def structure_rows(lake: Lake, structure_ids: Sequence[str]) -> list[dict[str, A
     return [by_id[s] for s in structure_ids]
 
 
+KNOWN_PHASE_LIMIT = 12
+"""Known phases per chemical system a hull is built from (the smallest cells first): the binaries of the data
+hold a handful per system, and each costs one FAM relaxation."""
+
+
+def known_phases(lake: Lake, system: Sequence[str]) -> list[dict[str, Any]]:
+    """Structures of the data made of ``system``'s elements only, with two or more of them (the elements alone
+    are the hull's prototypes): what the lake knows of that system, smallest cells first. The loop's own
+    structures (``LOOP_SOURCES``) are candidates, not knowledge."""
+    return lake.query(
+        f"""
+        SELECT {_STRUCTURE_COLUMNS} FROM structures
+        WHERE nelements >= 2 AND list_has_all(?::VARCHAR[], elements)
+          AND source NOT IN (SELECT unnest(?::VARCHAR[]))
+        ORDER BY nsites, structure_id LIMIT {KNOWN_PHASE_LIMIT}
+        """,
+        [list(system), list(LOOP_SOURCES)],
+    ).to_pylist()
+
+
 def dedup_references(
     lake: Lake, batch_ids: Sequence[str], formulas: Sequence[str], iteration: int
 ) -> list[dict[str, Any]]:

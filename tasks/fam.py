@@ -29,6 +29,8 @@ from core.fam import (
     fam_outcomes,
     mace_mp_checkpoint,
 )
+from core.hull import element_prototypes
+from core.relax import relax
 from core.settings import set_torch_threads
 from core.structures import from_row, to_atoms
 from tasks.common import compute_task, run_logger
@@ -93,6 +95,30 @@ def fam_batch(rows: list[dict[str, Any]], model: str, settings: FamSettings) -> 
                 "device": device,
             }
         )
+    return out
+
+
+@compute_task(name="fam-hull-references", retries=0)
+def fam_references(
+    system: list[str], rows: list[dict[str, Any]], model: str, settings: FamSettings
+) -> list[dict[str, Any]]:
+    """The hull references of one chemical system: each element's prototypes (``core.hull``) and the known
+    phases ``rows``, relaxed by the FAM as stage II relaxes a candidate; ``{"name", "formula",
+    "energy_per_atom"}`` each, those that failed to relax left out (and logged)."""
+    logger = run_logger()
+    calc, model_name = _loaded(model, settings.dtype, str(resolve_device()))
+    cells = {f"{lattice} {el}": atoms for el in system for lattice, atoms in element_prototypes(el).items()}
+    cells |= {r["structure_id"]: to_atoms(from_row(r)) for r in rows}
+    out = []
+    for name, atoms in cells.items():
+        try:
+            result = relax(atoms, calc, settings.fmax, settings.steps, settings.optimizer)
+        except (ValueError, RuntimeError) as exc:
+            logger.warning("hull reference %s of %s left out: %s", name, "-".join(system), exc)
+            continue
+        formula = result.atoms.get_chemical_formula()
+        out.append({"name": name, "formula": formula, "energy_per_atom": result.energy / len(result.atoms)})
+    logger.info("hull of %s: %d references relaxed with %s", "-".join(system), len(out), model_name)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,35 @@ def test_fam_batch_is_cached_on_structure_model_and_settings(lake, tmp_path: Pat
     first, second, other = twice()
     assert first == second  # served from the cache: identical, including the cost recorded
     assert other[0]["cost"] != first[0]["cost"]  # new settings: recomputed
+
+
+@pytest.mark.slow
+def test_a_design_on_e_above_hull_is_checked_against_the_systems_fam_hull(lake, prefect_server) -> None:
+    """B2 NiAl (the ground state) is on the hull its system's FAM references make, rock-salt NiAl far above it; the
+    hull holds fcc/bcc/hcp Ni and Al and the known phase the lake has (B2 NiAl from the data)."""
+    from core.hull import chemical_system
+    from flows.screen import ScreenParams, screen
+    from storage.candidates import current
+    from storage.queries import known_phases
+
+    design = "k_vrh in [20, 400] and e_above_hull <= 0.05"
+    b2, b1 = bulk("NiAl", "cesiumchloride", a=2.88), bulk("NiAl", "rocksalt", a=5.0)
+    known = to_row(from_atoms(bulk("NiAl", "cesiumchloride", a=2.86)))
+    lake.append("structures", [{**known, "source": "mp-binary", "split": split_of(known["structure_id"])}])
+    ids = {}
+    for name, atoms in (("b2", b2), ("b1", b1)):
+        row = to_row(from_atoms(atoms))
+        ids[name] = row["structure_id"]
+        lake.append("structures", [{**row, "source": "generated", "split": split_of(row["structure_id"])}])
+        candidate = {"iteration": 0, "structure_id": row["structure_id"], "target": 210.0, "design": design}
+        lake.append("candidates", [{**candidate, "status": "gnn_pass"}])
+    assert [r["structure_id"] for r in known_phases(lake, chemical_system("NiAl"))] == [known["structure_id"]]
+    params = ScreenParams(lake_url=lake.url, stages=["fam"], fam_model="sevennet-0", fam_tolerance=0.2)
+    screen(params)
+    rows = {r["structure_id"]: r for r in current(lake, 0)}
+    fam = {name: json.loads(rows[sid]["conditions_json"])["fam"] for name, sid in ids.items()}
+    checks = {name: verdicts["e_above_hull <= 0.05"] for name, verdicts in fam.items()}
+    assert checks["b2"]["verdict"] == "pass" and abs(checks["b2"]["value"]) < 0.05, checks  # on the hull
+    assert checks["b1"]["verdict"] == "fail" and checks["b1"]["value"] > 0.2, checks
+    assert rows[ids["b1"]]["status"] == "rejected"  # (its reason: Born-unstable, which stage II names first)
+    assert rows[ids["b2"]]["status"] == "fam_pass"

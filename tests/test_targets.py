@@ -32,6 +32,7 @@ DUCTILE = "k_vrh in [330, 370] and g_vrh/k_vrh <= 0.57"
         ("k_vrh = 350 ± 20", "k_vrh in [330, 370]", 330.0, 370.0),
         ("k_vrh = 350", "k_vrh = 350", 350.0, 350.0),
         ("born_stable", "born_stable", 1.0, None),
+        ("e_above_hull <= 0.05", "e_above_hull <= 0.05", None, 0.05),
     ],
 )
 def test_each_condition_form(text, canonical, low, high):
@@ -45,7 +46,7 @@ def test_each_condition_form(text, canonical, low, high):
     [
         ("k_vrh in [370, 330]", "'k_vrh in [370, 330]': k_vrh: lower bound 370 above upper bound 330"),
         ("k_vrh in [330, 370] and hardness <= 5", "'hardness <= 5': unknown property 'hardness'"),
-        ("k_vrh in [330, 370] and e_above_hull <= 0.05", "no stage evaluates e_above_hull yet"),
+        ("k_vrh in [330, 370] and e_above_hull < 0.05", "'e_above_hull < 0.05' is not of the form"),
         ("k_vrh in [330, 370] and g_vrh/k_vrh < 0.57", "'g_vrh/k_vrh < 0.57' is not of the form"),
         ("g_vrh/k_vrh <= 0.57", "needs a k_vrh window with both bounds"),
         ("", "empty design"),
@@ -126,6 +127,13 @@ def test_stage_one_and_two_check_each_condition_and_say_which_failed():
     assert set(json.loads(update["conditions_json"])) == {"gnn", "fam"}  # stage I's verdicts kept
     [(update, result)] = fam_verdicts(stage_two, {near: outcome(340.0, 150.0)}, tolerance=0.2)
     assert result == "pass" and "every condition met" in update["fam_reason"]
+    stable = [{**stage_two[0], "design": DUCTILE + " and e_above_hull <= 0.05"}]
+    above = fam_verdicts(stable, {near: outcome(340.0, 150.0)}, tolerance=0.2, e_above_hull={near: 0.055})
+    [(update, result)] = above  # the hull's bound is not widened by the stage's tolerance, unlike the moduli's
+    assert result == "condition not met" and "e_above_hull <= 0.05: 0.055 > 0.05" in update["fam_reason"]
+    [(update, result)] = fam_verdicts(stable, {near: outcome(340.0, 150.0)}, tolerance=0.2)
+    assert result == "pass"  # no hull distance: the condition is unknown at this stage, not failed
+    assert json.loads(update["conditions_json"])["fam"]["e_above_hull <= 0.05"]["verdict"] == "unknown"
     single = [{"iteration": 0, "structure_id": near, "target": 350.0}]  # no design: today's K check and text
     [(update, result)] = fam_verdicts(single, {near: outcome(500.0, 150.0)}, tolerance=0.2)
     assert update["fam_reason"] == "K_vrh 500.0 GPa is +43% off target 350 GPa (tolerance 20%)"
@@ -157,3 +165,17 @@ def test_the_label_checks_every_condition_strictly_and_the_funnel_counts_them(la
     funnel = {r["condition"]: r for r in lake.query("SELECT * FROM condition_funnel").to_pylist()}
     assert funnel["k_vrh in [330, 370]"]["n_label_met"] == 1 and funnel["g_vrh/k_vrh <= 0.57"]["n_label_met"] == 0
     assert funnel["g_vrh/k_vrh <= 0.57"]["n_label_checked"] == 1
+
+
+def test_e_above_hull_is_the_distance_to_the_hull_of_the_references():
+    from core.hull import chemical_system, e_above_hull, element_prototypes
+
+    refs = [("Ni", -5.0), ("Al", -3.7), ("NiAl", -5.2), ("Ni3Al", -5.4)]
+    assert e_above_hull("AlNi", -5.2, refs) == pytest.approx(0.0)  # a hull vertex
+    assert e_above_hull("NiAl3", -4.0, refs) == pytest.approx(0.45)  # 0.45 above the NiAl-Al tie line at -4.45
+    assert e_above_hull("NiAl", -5.5, refs) == pytest.approx(-0.3)  # below every known phase
+    with pytest.raises(ValueError, match="no reference energy for Ti"):
+        e_above_hull("NiTi", -5.0, refs)
+    assert chemical_system("Al3Ni") == ("Al", "Ni")
+    cells = element_prototypes("Mo")
+    assert sorted(cells) == ["bcc", "fcc", "hcp"] and [len(cells[k]) for k in ("bcc", "fcc", "hcp")] == [1, 1, 2]
