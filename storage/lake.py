@@ -8,12 +8,14 @@ no view reads. Rows are never rewritten: a newer row supersedes an older one for
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -34,6 +36,11 @@ from storage.conditions import CONDITION_VIEWS
 from storage.ledger import LEDGER_VIEWS
 from storage.schemas import KEYS, PARTITION, SCHEMAS
 
+_VIEW_DATABASES: dict[tuple[int, str, frozenset[str]], duckdb.DuckDBPyConnection] = {}
+"""``Lake.connect``'s databases with the views built, least recently used first."""
+_VIEW_DATABASES_LOCK = threading.Lock()
+_VIEW_DATABASES_KEPT = 16
+atexit.register(_VIEW_DATABASES.clear)  # freed before the interpreter tears DuckDB's module down
 _SAFE_PARTITION = re.compile(r"^[A-Za-z0-9._+@-]+$")
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
 
@@ -291,27 +298,41 @@ class Lake:
 
     # ---------- reads ----------
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with every table as a view (latest rows) and ``<t>_history``."""
-        con = duckdb.connect()
-        if not self.local:
-            con.register_filesystem(self.fs)
-        self._create_views(con)
-        return con
+        """A DuckDB connection with every table as a view (latest rows) and ``<t>_history``: a cursor of one
+        in-memory database per process, lake and set of tables that hold files, whose views re-read the files at
+        every query, so they change only when a table gains its first file (building them costs tens of ms)."""
+        filled = self._filled()
+        key = (os.getpid(), self.url, filled)
+        with _VIEW_DATABASES_LOCK:
+            base = _VIEW_DATABASES.pop(key, None)
+            if base is None:
+                base = duckdb.connect()
+                if not self.local:
+                    base.register_filesystem(self.fs)
+                self._create_views(base, filled)
+            _VIEW_DATABASES[key] = base  # most recently used last
+            while len(_VIEW_DATABASES) > _VIEW_DATABASES_KEPT:  # dropped, not closed: that would close its cursors
+                del _VIEW_DATABASES[next(iter(_VIEW_DATABASES))]
+            return base.cursor()
 
-    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+    def _filled(self) -> frozenset[str]:
+        """The tables that hold at least one committed file."""
+        return frozenset(t for t in SCHEMAS if self.files(t))
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection, filled: frozenset[str]) -> None:
         """Every table as ``<t>_history`` (all rows) and ``<t>`` (current rows), then the derived views
         (``storage.ledger``: the cost ledger; ``storage.conditions``: verdicts per design condition).
 
-        The files are read by name against a typed, empty relation of the whole schema (``UNION ALL BY NAME``), so a
-        fresh lake has typed, empty views and a column added to a schema after a lake was written reads as NULL
-        from the older files, with nothing read until a query runs."""
+        The files of the ``filled`` tables are read by name against a typed, empty relation of the whole schema
+        (``UNION ALL BY NAME``), so a fresh lake has typed, empty views and a column added to a schema after a
+        lake was written reads as NULL from the older files, with nothing read until a query runs."""
         for table, schema in SCHEMAS.items():
             part = PARTITION[table]
             cols = [f for f in schema if f.name != part] + [schema.field(part)]
             typed = (
                 "SELECT " + ", ".join(f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in cols) + " WHERE false"
             )
-            if self.files(table):
+            if table in filled:
                 glob = self.uri(table, "*", "*.parquet")
                 files = (
                     f"SELECT * FROM read_parquet('{glob}', hive_partitioning=true, union_by_name=true, "
@@ -374,7 +395,7 @@ class Lake:
         try:
             con.execute(f"ATTACH '{tmp}' AS catalog (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')")
             con.execute("USE catalog")
-            self._create_views(con)
+            self._create_views(con, self._filled())
         finally:
             con.close()
         os.replace(tmp, target)
