@@ -310,12 +310,19 @@ def run_to_kill(args: argparse.Namespace, lake: Path, events: Path, attempt: int
             if time.time() - t0 > args.run_timeout:
                 proc.kill()
                 raise RuntimeError(f"attempt {attempt} ran past {args.run_timeout} s; see {log}")
+            mine = [e for e in read_events(events) if e["attempt"] == attempt and e["ev"] in ("stage", "stage-end")]
+            past = (
+                bool(mine)
+                and position(mine[-1]) >= target
+                and (mine[-1]["ev"] == "stage-end" or position(mine[-1]) > target)
+            )
             if plan["kind"] == "stage":
-                mine = [e for e in read_events(events) if e["attempt"] == attempt and e["ev"] in ("stage", "stage-end")]
                 if fire_at is None and mine and mine[-1]["ev"] == "stage" and position(mine[-1]) >= target:
                     fire_at = time.time() + plan["delay"]
-                elif fire_at is not None and mine and (mine[-1]["ev"] == "stage-end" or position(mine[-1]) > target):
+                elif fire_at is not None and past:
                     fire_at = time.time()  # a resumed stage ended before the delay: kill it at its end
+            elif fire_at is None and past:  # the planned write never came (a resumed run took it from the cache)
+                fire_at = time.time()  # so the kill lands at the end of its stage instead
             if fire_at is not None and time.time() >= fire_at:
                 proc.send_signal(signal.SIGKILL)
                 sent = time.time()
