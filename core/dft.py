@@ -34,6 +34,7 @@ from ase.calculators.calculator import Calculator
 from ase.units import Bohr, Ry
 from pydantic import BaseModel, ConfigDict, Field
 
+from core import gpaw_setups
 from core.elastic import ElasticSettings, evaluate
 from core.failures import DftFailure, FailureClass, as_failure, classify_text
 from core.presets import Presets
@@ -82,10 +83,13 @@ class DftSettings(BaseModel):
     """BFGS needs few force calls on the smooth DFT surface near a (FAM-relaxed) minimum; FIRE is the fallback."""
     pseudopotentials: str = "default"
     """Setups/POTCAR/UPF family: GPAW 'paw', VASP setups name, or a QE file pattern with {symbol}."""
+    generated_setups: tuple[str, ...] = ()
+    """GPAW datasets generated for elements the wheel lacks (``core.gpaw_setups``); set by :func:`resolve`."""
 
     def physics(self) -> dict[str, Any]:
-        """The physics fields only (see module docstring)."""
-        return {name: getattr(self, name) for name in PHYSICS_FIELDS}
+        """The physics fields only (see module docstring); generated datasets too, where the cell needs any."""
+        fields = {name: getattr(self, name) for name in PHYSICS_FIELDS}
+        return fields | ({"generated_setups": self.generated_setups} if self.generated_setups else {})
 
     def physics_hash(self) -> str:
         """12-hex hash of the physics fields: the ``<hash>`` of ``dft:<code>/<hash>``."""
@@ -172,10 +176,23 @@ def kpoint_mesh(cell: np.ndarray | Sequence[Sequence[float]], kspacing: float) -
 
 
 def resolve(settings: DftSettings, reference: Atoms) -> DftSettings:
-    """Fix the k-mesh on the reference cell, so every strained copy of it uses the same mesh."""
-    if settings.kpts is not None:
-        return settings
-    return settings.model_copy(update={"kpts": kpoint_mesh(reference.cell[:], settings.kspacing)})
+    """Fix the k-mesh on the reference cell, so every strained copy of it uses the same mesh, and name the GPAW
+    datasets its elements need generated."""
+    update: dict[str, Any] = {}
+    if settings.kpts is None:
+        update["kpts"] = kpoint_mesh(reference.cell[:], settings.kspacing)
+    if _default_gpaw(settings):
+        update["generated_setups"] = gpaw_setups.generated_tags(reference.get_chemical_symbols(), settings.xc)
+    return settings.model_copy(update=update) if update else settings
+
+
+def _default_gpaw(settings: DftSettings) -> bool:
+    return settings.code == "gpaw" and settings.pseudopotentials == "default"
+
+
+def cannot_compute(settings: DftSettings, symbols: Sequence[str]) -> str | None:
+    """Why the code cannot compute these elements at all (said before anything runs), or None."""
+    return gpaw_setups.refusal(symbols, settings.xc) if _default_gpaw(settings) else None
 
 
 # ---------- escalation ----------
@@ -409,14 +426,17 @@ def _check_converged(settings: DftSettings, calc: Calculator, directory: str | o
             raise DftFailure(found, f"Quantum ESPRESSO output in {directory} shows {found.value}")
 
 
-def _bad_input(atoms: Atoms) -> None:
+def _bad_input(atoms: Atoms, settings: DftSettings) -> None:
+    """Refuse a cell no calculation can succeed on; generate the GPAW datasets it needs (once per machine)."""
     from core.structures import from_atoms, validity_problem
 
     if len(atoms) == 0:
         raise DftFailure(FailureClass.BAD_INPUT, "empty cell")
-    problem = validity_problem(from_atoms(atoms))
+    problem = validity_problem(from_atoms(atoms)) or cannot_compute(settings, atoms.get_chemical_symbols())
     if problem:
         raise DftFailure(FailureClass.BAD_INPUT, problem)
+    if _default_gpaw(settings):
+        gpaw_setups.ensure(atoms.get_chemical_symbols(), settings.xc)
 
 
 def _classify(exc: Exception, settings: DftSettings, directory: str | os.PathLike[str] | None) -> DftFailure:
@@ -434,7 +454,7 @@ def run_relax(
     """
     from core.relax import relax
 
-    _bad_input(atoms)
+    _bad_input(atoms, settings)
     try:
         calc = dft_calculator(settings, directory, atoms=atoms)
         result = relax(
@@ -467,7 +487,7 @@ def run_point(
     Raises DftFailure (classified)."""
     if settings.kpts is None:
         raise ValueError("resolve() the settings on the reference cell before running strain points")
-    _bad_input(atoms)
+    _bad_input(atoms, settings)
     try:
         calc = dft_calculator(settings, directory, atoms=atoms)
         stress, energy = evaluate(atoms, calc, elastic_settings)

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run as runtime_flow_run
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.acquisition import AcquisitionSettings, choose
-from core.dft import PRESETS, DftSettings
+from core.dft import PRESETS, DftSettings, cannot_compute
 from core.dft import PresetName as DftPreset
 from core.elastic import ElasticSettings
 from core.failures import FaultInjection, lost_class
@@ -87,6 +87,13 @@ class LabelParams(LabelSettings):
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
 
+def _refusal(params: LabelParams, row: dict[str, Any] | None) -> str | None:
+    """Why a chosen structure cannot be labeled by DFT at all, said before any job runs (and spends anything)."""
+    if row is None:
+        return "no structures row for this candidate"
+    return cannot_compute(params.settings(), row["species"])
+
+
 def _label_with_fam(
     lake: Lake, iteration: int, candidates: list[dict[str, Any]], relaxed: dict[str, Any] | None, run_id: Any
 ) -> StructureOutcome:
@@ -141,11 +148,8 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
             return [_label_with_fam(lake, params.iteration, by_structure[sid], relaxed.get(sid), run_id) for sid in ids]
         # DFT starts from the stage-II geometry: near a PBE minimum already, so the DFT relaxation is short.
         rows = generated | relaxed
-        outcomes = [
-            failed_outcome(sid, "bad_input at once: no structures row for this candidate")
-            for sid in ids
-            if sid not in rows
-        ]
+        refused = {sid: _refusal(params, rows.get(sid)) for sid in ids}
+        outcomes = [failed_outcome(sid, f"bad_input at once: {why}") for sid, why in refused.items() if why]
         for outcome in outcomes:
             record_label(lake, params.iteration, by_structure[outcome.structure_id], outcome, run_id)
         work = [
@@ -155,7 +159,7 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
                 "candidates": by_structure[sid],
             }
             for sid in ids
-            if sid in rows
+            if not refused[sid]
         ]
         logger.info(
             "iteration %d: labeling %d structures with preset %r on %s",

@@ -217,3 +217,12 @@ def test_a_dask_worker_killed_under_a_strain_point_is_recorded_lost_and_the_poin
     ]
     assert len({r["job_id"] for r in rows}) == 1  # Dask ran the same task run again on the restarted worker
     assert not lake.read("jobs", "state = 'running'").num_rows
+
+
+def test_an_element_gpaw_cannot_do_is_refused_before_any_job(lake, prefect_server):
+    ids = seed_candidates(lake, [bulk("Rf", "fcc", a=4.5)])  # no dataset in the wheel, none GPAW can generate
+    outcome = label(LabelParams(lake_url=lake.url, preset="test"))[0]
+    assert outcome.verdict == "failed"
+    assert outcome.reason == "bad_input at once: GPAW has no PAW dataset for Rf (PBE) and cannot generate one"
+    assert lake.counts()["jobs"] == 0  # said before anything ran
+    assert current(lake, 0)[0]["dft_reason"] == outcome.reason and current(lake, 0)[0]["structure_id"] == ids[0]
