@@ -4,7 +4,7 @@ For each element and preset: the ``label`` flow on a throwaway lake (Prefect tas
 ``jobs`` rows, properties) gives K_vrh, the EOS K and the wall time; the same relaxation and
 strain/EOS points run raw (core.dft.run_relax/run_point in a plain loop, no Prefect, no lake) give
 the platform's overhead. References: PBE K of W 305.6 GPa and Ir 348.5 GPa (this machine, GPAW
-600 eV, 16^3 k-points, Birch-Murnaghan).
+600 eV, 16^3 k-points, Birch-Murnaghan), Tc 300.2 GPa (Materials Project).
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/dft.py [--presets test gpaw-tight]
 """
@@ -28,8 +28,9 @@ from flows.label import LabelParams, label
 from storage import Lake
 from storage.candidates import advance
 
-CELLS = {"W": ("bcc", 3.172, 305.6), "Ir": ("fcc", 3.875, 348.5)}
-"""element: (lattice, starting lattice constant Å, PBE reference K GPa)."""
+CELLS = {"W": ("bcc", 3.172, 305.6), "Ir": ("fcc", 3.875, 348.5), "Tc": ("hcp", 2.7617, 300.2)}
+"""element: (lattice, starting lattice constant Å, PBE reference K GPa). Tc: Materials Project mp-113 (in
+../shared/data), with the PAW dataset ``core.gpaw_setups`` generates (the gpaw-data wheel has none)."""
 
 
 def raw(atoms, preset_name: str) -> tuple[float, float | None, float]:

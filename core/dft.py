@@ -432,11 +432,14 @@ def _bad_input(atoms: Atoms, settings: DftSettings) -> None:
 
     if len(atoms) == 0:
         raise DftFailure(FailureClass.BAD_INPUT, "empty cell")
-    problem = validity_problem(from_atoms(atoms)) or cannot_compute(settings, atoms.get_chemical_symbols())
+    problem = validity_problem(from_atoms(atoms))
     if problem:
         raise DftFailure(FailureClass.BAD_INPUT, problem)
     if _default_gpaw(settings):
-        gpaw_setups.ensure(atoms.get_chemical_symbols(), settings.xc)
+        try:
+            gpaw_setups.ensure(atoms.get_chemical_symbols(), settings.xc)  # refuses what GPAW cannot do
+        except ValueError as exc:
+            raise DftFailure(FailureClass.BAD_INPUT, str(exc)) from exc
 
 
 def _classify(exc: Exception, settings: DftSettings, directory: str | os.PathLike[str] | None) -> DftFailure:

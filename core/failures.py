@@ -198,7 +198,8 @@ class FaultInjection(BaseModel):
 
     def check(self, key: str, calculation: str, attempt: int) -> None:
         """Fail this job's (1-based) attempt the chosen way if it is one of the job's failing attempts."""
-        if not self.picks(key, calculation) or attempt > self._draw(key)[1]:
+        n_failed = self._draw(key)[1]
+        if not self.picks(key, calculation) or attempt > n_failed:
             return
         if self.effect == "kill":
             lose_this_process()
@@ -206,7 +207,7 @@ class FaultInjection(BaseModel):
             time.sleep(24 * 3600)
         raise DftFailure(
             self.failure,
-            f"injected fault (seed {self.seed}, attempt {attempt} of {self._draw(key)[1]} failing)",
+            f"injected fault (seed {self.seed}, attempt {attempt} of {n_failed} failing)",
             injected=True,
         )
 

@@ -87,11 +87,11 @@ class LabelParams(LabelSettings):
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
 
 
-def _refusal(params: LabelParams, row: dict[str, Any] | None) -> str | None:
+def _refusal(settings: DftSettings, row: dict[str, Any] | None) -> str | None:
     """Why a chosen structure cannot be labeled by DFT at all, said before any job runs (and spends anything)."""
     if row is None:
         return "no structures row for this candidate"
-    return cannot_compute(params.settings(), row["species"])
+    return cannot_compute(settings, row["species"])
 
 
 def _label_with_fam(
@@ -148,7 +148,8 @@ def label(params: LabelParams | None = None) -> list[StructureOutcome]:
             return [_label_with_fam(lake, params.iteration, by_structure[sid], relaxed.get(sid), run_id) for sid in ids]
         # DFT starts from the stage-II geometry: near a PBE minimum already, so the DFT relaxation is short.
         rows = generated | relaxed
-        refused = {sid: _refusal(params, rows.get(sid)) for sid in ids}
+        settings = params.settings()
+        refused = {sid: _refusal(settings, rows.get(sid)) for sid in ids}
         outcomes = [failed_outcome(sid, f"bad_input at once: {why}") for sid, why in refused.items() if why]
         for outcome in outcomes:
             record_label(lake, params.iteration, by_structure[outcome.structure_id], outcome, run_id)
