@@ -29,10 +29,15 @@ def cache_dir() -> Path:
     return Path(get_settings().cache_dir).expanduser() / "gpaw-setups"
 
 
+_CACHES_ON_PATH: set[str] = set()
+"""The cache folders ``ensure`` put on GPAW's setup path: not the wheel's, so ``in_wheel`` looks past them."""
+
+
 def _search_path() -> list[Path]:
+    """GPAW's own setup path: the wheel's and the user's folders, without the caches of generated datasets."""
     from gpaw import setup_paths
 
-    return [Path(p) for p in setup_paths]
+    return [Path(p) for p in setup_paths if p not in _CACHES_ON_PATH]
 
 
 def _found(symbol: str, xc: str, folders: Iterable[Path]) -> bool:
@@ -89,6 +94,7 @@ def ensure(symbols: Iterable[str], xc: str = "PBE") -> None:
     target = cache_dir()
     if str(target) not in map(str, setup_paths):
         setup_paths.append(str(target))
+        _CACHES_ON_PATH.add(str(target))
     for symbol in sorted(set(symbols)):
         if not has_dataset(symbol, xc):
             _generate(symbol, xc, target)

@@ -236,6 +236,8 @@ def test_a_missing_gpaw_dataset_is_generated_once_and_named_in_the_method(tmp_pa
     gpaw_setups.ensure(["Tc", "Mo"])
     made = gpaw_setups.cache_dir() / "Tc.PBE"
     assert made.is_file() and gpaw_setups.has_dataset("Tc") and (gpaw_setups.cache_dir() / "Tc.dzp.basis").is_file()
+    assert not gpaw_setups.in_wheel("Tc")  # a generated dataset on GPAW's path is still not the wheel's
+    assert resolve(PRESETS["test"], tc).method == s_tc.method  # the same method before and after generating
     stamp = made.stat().st_mtime_ns
     gpaw_setups.ensure(["Tc"])  # once per machine
     assert made.stat().st_mtime_ns == stamp
