@@ -159,7 +159,7 @@ def _run_job(
     return value, settings, attempt
 
 
-@compute_task(name="dft-relax", cache_policy=DFT_CACHE, retry_condition_fn=retry_transient, tags=["dft"])
+@compute_task(name="dft-relax", cache_policy=DFT_CACHE, retry_condition_fn=retry_transient)
 def dft_relax(
     lake_url: str,
     structure_id: str,
@@ -187,7 +187,7 @@ def dft_relax(
     }
 
 
-@compute_task(name="dft-point", cache_policy=DFT_CACHE, retry_condition_fn=retry_transient, tags=["dft"])
+@compute_task(name="dft-point", cache_policy=DFT_CACHE, retry_condition_fn=retry_transient)
 def dft_point(
     lake_url: str,
     structure_id: str,
