@@ -4,8 +4,10 @@
     k_vrh = 350 +- 10% and born_stable                    # the reference case, and mechanically stable
 
 A condition is a property name (``PROPERTIES``) with a window: ``in [a, b]``, ``<= b``, ``>= a``, ``= v +- t`` (``t``
-absolute, or ``t%`` of ``v``), or a bare ``born_stable``. The generator conditions on K only, so the design's
-``k_vrh`` window with both bounds (the first such) feeds it at its centre: ``DesignTarget.generator_k``.
+absolute, or ``t%`` of ``v``), or a bare ``born_stable``. Two-sided windows feed the generator at their centre
+(``DesignTarget.generator_conditions``): the first ``k_vrh`` window always (``generator_k``), and the first
+``g_vrh`` or ``g_vrh/k_vrh`` window (a ratio as G = ratio x K) for a generator conditioned on G as well; a
+one-sided condition (``g_vrh/k_vrh <= 0.57``) only screens, as a bound has no centre to ask for.
 
 Each stage checks every condition it can evaluate with what it has (stage I: the predictor's K; stage II: FAM K,
 G, G/K and Born stability; stage III: the DFT values) on the condition's window widened by that stage's tolerance
@@ -35,6 +37,9 @@ PROPERTIES: dict[str, str] = {
 }
 """The properties a condition may name, and what they are."""
 
+FEEDS: dict[str, str] = {"k_vrh": "k_vrh", "g_vrh": "g_vrh", "g_vrh/k_vrh": "g_vrh"}
+"""Condition properties that can feed a generator, and the modulus each one asks the generator for."""
+
 UNWIDENED = frozenset({"born_stable", "e_above_hull"})
 """Properties a stage checks strictly: its tolerance widens modulus windows (a predictor's error), not these."""
 
@@ -61,8 +66,11 @@ class Condition(BaseModel):
             raise ValueError(f"{self.property}: a condition needs a lower bound, an upper bound or both")
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"{self.property}: lower bound {self.low:g} above upper bound {self.high:g}")
-        if self.feeds_generator and (self.property != "k_vrh" or self.low is None or self.high is None):
-            raise ValueError("only a k_vrh window with both bounds can feed the generator (it conditions on K)")
+        if self.feeds_generator and (self.property not in FEEDS or self.low is None or self.high is None):
+            raise ValueError(
+                "only a k_vrh, g_vrh or g_vrh/k_vrh window with both bounds can feed the generator (it is asked "
+                "for the window's centre)"
+            )
         return self
 
     @property
@@ -94,7 +102,7 @@ class Condition(BaseModel):
 
 
 class DesignTarget(BaseModel):
-    """What a run looks for: every condition met. The first two-sided ``k_vrh`` window feeds the generator."""
+    """What a run looks for: every condition met. Two-sided K and G (or G/K) windows feed the generator."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -102,21 +110,26 @@ class DesignTarget(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _one_generator_condition(cls, data: Any) -> Any:
-        """The first two-sided ``k_vrh`` window feeds the generator unless a condition is marked; one at most."""
+    def _generator_conditions(cls, data: Any) -> Any:
+        """Per modulus (K; G, asked directly or as G/K) one condition feeds the generator: the marked one, else the
+        first two-sided window; K must have one."""
         if not isinstance(data, Mapping):
             return data
         conditions = [
             c if isinstance(c, Condition) else Condition.model_validate(c) for c in data.get("conditions", [])
         ]
-        marked = [c for c in conditions if c.feeds_generator]
-        if len(marked) > 1:
-            raise ValueError("only one condition can feed the generator")
-        if not marked:
-            k = next((c for c in conditions if c.property == "k_vrh" and None not in (c.low, c.high)), None)
-            if k is None:
+        for modulus in ("k_vrh", "g_vrh"):
+            kind = [i for i, c in enumerate(conditions) if FEEDS.get(c.property) == modulus]
+            marked = [i for i in kind if conditions[i].feeds_generator]
+            if len(marked) > 1:
+                raise ValueError(f"only one condition on {modulus} can feed the generator")
+            if marked:
+                continue
+            window = next((i for i in kind if None not in (conditions[i].low, conditions[i].high)), None)
+            if window is None and modulus == "k_vrh":
                 raise ValueError("a design needs a k_vrh window with both bounds (k_vrh in [a, b] or k_vrh = v +- t)")
-            conditions[conditions.index(k)] = k.model_copy(update={"feeds_generator": True})
+            if window is not None:
+                conditions[window] = conditions[window].model_copy(update={"feeds_generator": True})
         return {**data, "conditions": conditions}
 
     @classmethod
@@ -125,10 +138,20 @@ class DesignTarget(BaseModel):
         return cls(conditions=[Condition(property="k_vrh", low=k_vrh, high=k_vrh, feeds_generator=True)])
 
     @property
+    def generator_conditions(self) -> dict[str, float]:
+        """What the generator is asked for, modulus -> GPa: each feeding window's centre (G/K as G = ratio x K)."""
+        centre = {c.property: (c.low + c.high) / 2 for c in self.conditions if c.feeds_generator}  # type: ignore[operator]
+        out = {"k_vrh": centre["k_vrh"]}
+        if "g_vrh" in centre:
+            out["g_vrh"] = centre["g_vrh"]
+        elif "g_vrh/k_vrh" in centre:
+            out["g_vrh"] = centre["g_vrh/k_vrh"] * out["k_vrh"]
+        return out
+
+    @property
     def generator_k(self) -> float:
-        """The K_vrh (GPa) the generator is conditioned on: the centre of the generator's window."""
-        c = next(c for c in self.conditions if c.feeds_generator)
-        return (c.low + c.high) / 2  # type: ignore[operator]
+        """The K_vrh (GPa) the generator is conditioned on: the centre of the design's K window."""
+        return self.generator_conditions["k_vrh"]
 
     @property
     def text(self) -> str:

@@ -62,7 +62,8 @@ class GenerateParams(GenerateSettings):
     """Generator model id; None = the latest registered generator."""
     design: DesignText = ""
     """A design target instead of the K targets, e.g. "k_vrh in [330, 370] and g_vrh/k_vrh <= 0.57" (the
-    generator is conditioned on the centre of its K window; every stage checks each condition); empty: none."""
+    generator is asked for the centre of its K window, and of a two-sided G or G/K window where the generator is
+    conditioned on G too; every stage checks each condition); empty: none."""
     loop_run_id: str = ""
     """Flow-run id of the active-learning run this stage belongs to (it shares that run's lake lock); empty:
     a run of its own, which takes the lake's loop lock itself and is refused while a loop runs."""
@@ -73,6 +74,22 @@ class GenerateParams(GenerateSettings):
         if self.design:
             self.targets = [parse_design(self.design).generator_k]
         return self
+
+
+def _design_conditions(design: str, properties: list[str], logger: Any) -> dict[str, float] | None:
+    """What a design asks the generator for beyond K, limited to what it is conditioned on (None: K alone)."""
+    if not design:
+        return None
+    asked = parse_design(design).generator_conditions
+    fed = {name: value for name, value in asked.items() if name in properties}
+    for name in sorted(set(asked) - set(fed)):
+        logger.info(
+            "the design asks for %s = %.0f GPa; generator conditioned on %s only: the screens check it",
+            name,
+            asked[name],
+            ", ".join(properties),
+        )
+    return fed if len(fed) > 1 else None
 
 
 @flow(name="generate", log_prints=True)
@@ -87,7 +104,8 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
     with stage_lock(lake, "generate", params.loop_run_id):
         logger = get_run_logger()
         lake_url = lake.url
-        model_id, _ = load_registered_generator(lake_url, params.model_id)
+        model_id, generator = load_registered_generator(lake_url, params.model_id)
+        conditions = _design_conditions(params.design, generator.config_dict.get("properties", ["k_vrh"]), logger)
         done = {row["target"] for row in current(lake, params.iteration)}
         run_id = str(flow_run.get_id() or "") or None
         summary: list[dict[str, Any]] = []
@@ -105,6 +123,7 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
                 params.seed,
                 params.grader,
                 params.ranker,
+                conditions,
             )
             stats = result["stats"]
             record_work(

@@ -56,7 +56,7 @@ class TrainParams(TrainSettings):
     predictor_config: CGCNNConfigName = "default"
     """Named CGCNN config (core.cgcnn.PRESETS): default, small."""
     generator_config: GeneratorPreset = "small"
-    """Named generator config (core.generator.PRESETS): small, paper."""
+    """Named generator config (core.generator.PRESETS): small, small-kg (conditioned on K and G), paper."""
     parent_predictor: str | None = None
     """Fine-tune this registered CGCNN ensemble (warm start) instead of training from scratch."""
     parent_generator: str | None = None

@@ -28,7 +28,11 @@ LABEL_METHODS_SQL = (
 
 
 def labeled_k_vrh(lake: Lake, split: str | None = None, labels_before: int | None = None) -> pa.Table:
-    """Structures with a training-grade K_vrh label: structure columns plus ``k_vrh``, ``method`` and ``from_loop``.
+    """Structures with a training-grade K_vrh label: structure columns plus ``k_vrh``, ``g_vrh``, ``method`` and
+    ``from_loop``.
+
+    ``g_vrh`` is the shear modulus of the same method as the K label (null where that method gave none), for a
+    generator conditioned on K and G.
 
     ``from_loop`` marks structures the active-learning loop made and labeled (``LOOP_SOURCES``).
     Where a structure has several labels, DFT wins over datasets, datasets over the seed set,
@@ -46,14 +50,21 @@ def labeled_k_vrh(lake: Lake, split: str | None = None, labels_before: int | Non
         params.append(labels_before)
     return lake.query(
         f"""
-        SELECT s.*, p.value AS k_vrh, p.method, s.source IN ({loop_sources}) AS from_loop
-        FROM structures s JOIN properties p USING (structure_id)
-        WHERE p.name = 'k_vrh' AND p.value IS NOT NULL AND {LABEL_METHODS_SQL} {" ".join(where)}
-        QUALIFY row_number() OVER (
-            PARTITION BY s.structure_id
-            ORDER BY CASE WHEN p.method LIKE 'dft:%' THEN 0 WHEN p.method LIKE 'dataset:%' THEN 1 ELSE 2 END,
-                     p.created_at DESC) = 1
-        ORDER BY s.structure_id
+        WITH k AS (
+            SELECT s.*, p.value AS k_vrh, p.method, s.source IN ({loop_sources}) AS from_loop
+            FROM structures s JOIN properties p USING (structure_id)
+            WHERE p.name = 'k_vrh' AND p.value IS NOT NULL AND {LABEL_METHODS_SQL} {" ".join(where)}
+            QUALIFY row_number() OVER (
+                PARTITION BY s.structure_id
+                ORDER BY CASE WHEN p.method LIKE 'dft:%' THEN 0 WHEN p.method LIKE 'dataset:%' THEN 1 ELSE 2 END,
+                         p.created_at DESC) = 1
+        ), g AS (
+            SELECT structure_id, method, value AS g_vrh FROM properties
+            WHERE name = 'g_vrh' AND value IS NOT NULL
+            QUALIFY row_number() OVER (PARTITION BY structure_id, method ORDER BY created_at DESC) = 1
+        )
+        SELECT k.*, g.g_vrh FROM k LEFT JOIN g USING (structure_id, method)
+        ORDER BY k.structure_id
         """,
         params or None,
     )

@@ -59,9 +59,16 @@ class ModelRecord:
         )
 
 
-def snapshot_hash(structure_ids: Sequence[str], labels: Iterable[float] | None = None) -> str:
-    """Hash of a training set: its sorted ids and, if given, their labels (rounded to 1e-9)."""
-    values = [None] * len(structure_ids) if labels is None else [round(float(v), 9) for v in labels]
+def snapshot_hash(structure_ids: Sequence[str], labels: Iterable[float | Sequence[float | None]] | None = None) -> str:
+    """Hash of a training set: its sorted ids and, if given, their labels (one value or several per structure,
+    None for an unknown one; rounded to 1e-9)."""
+
+    def rounded(v: float | Sequence[float | None] | None) -> Any:
+        if v is None or isinstance(v, int | float):
+            return None if v is None else round(float(v), 9)
+        return [rounded(x) for x in v]
+
+    values = [None] * len(structure_ids) if labels is None else [rounded(v) for v in labels]
     text = canonical_json(sorted(zip(structure_ids, values, strict=True), key=lambda p: p[0]))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -173,6 +173,9 @@ GENERATIONS = pa.schema(
         pa.field("mape_grader_kept", pa.float64()),
         pa.field("k_head_raw_json", pa.string()),  # head K of every raw sample (distribution plots)
         pa.field("k_grader_raw_json", pa.string()),  # grader K of every raw sample
+        pa.field("conditions_json", pa.string()),  # what the generator was asked for beyond K: {"k_vrh", "g_vrh"}
+        pa.field("mape_head_g_raw", pa.float64()),  # the head's G against the G asked for, where G was asked for
+        pa.field("mape_head_g_kept", pa.float64()),
         *_PROVENANCE,
     ]
 )

@@ -79,8 +79,12 @@ def sample_candidates(
     seed: int,
     grader: str | None = None,
     ranker: str = "head",
+    conditions: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Sample ``n_kept * samples_per_kept`` crystals at ``target`` GPa and keep the best ``n_kept`` by ``ranker``.
+
+    ``conditions`` asks a generator conditioned on several moduli for more than K (``{"k_vrh": target,
+    "g_vrh": ...}``, from a design's G or G/K window); None asks for K alone.
 
     ``ranker`` is "head" (the generator's property head on each re-encoded sample: it tracks independent
     graders, Spearman 0.8-0.9 in benchmarks/generator.py) or the path of a CGCNN checkpoint (another
@@ -95,7 +99,7 @@ def sample_candidates(
     _, generator = load_registered_generator(lake_url, model_id)
     device = device_label(generator.device)
     with measured(device) as cost:
-        stats, rows = _sample(generator, target, n_kept, samples_per_kept, seed, grader, ranker)
+        stats, rows = _sample(generator, target, n_kept, samples_per_kept, seed, grader, ranker, conditions)
     stats["generator_model_id"] = model_id
     logger.info("target %.0f GPa: %s", target, {k: v for k, v in stats.items() if not k.endswith("_json")})
     return {"kept": rows, "stats": stats, "cost": asdict(cost), "device": device}
@@ -109,10 +113,12 @@ def _sample(
     seed: int,
     grader: str | None,
     ranker: str,
+    conditions: dict[str, float] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The sampling and grading of ``sample_candidates``: the generations row's statistics and the kept rows."""
     rank = None if ranker == "head" else cgcnn_k(ranker)
-    step = generate(generator, [target], n_kept, samples_per_kept, derive_seed(seed, target), rank)
+    asked: float | dict[str, float] = {**conditions, "k_vrh": target} if conditions else target
+    step = generate(generator, [asked], n_kept, samples_per_kept, derive_seed(seed, target), rank)
     batch, kept, kept_index, head_scores = step.samples, step.kept, step.kept_index, step.samples.scores
     stats: dict[str, Any] = {
         "target": target,
@@ -126,6 +132,13 @@ def _sample(
         "mape_head_kept": mape(head_scores[kept_index], target),
         "k_head_raw_json": json.dumps([round(float(k), 2) for k in head_scores]),
     }
+    if isinstance(asked, dict) and "g_vrh" in asked and batch.property_scores and "g_vrh" in batch.property_scores:
+        g_head = batch.property_scores["g_vrh"]
+        stats |= {
+            "conditions_json": json.dumps(asked, sort_keys=True),
+            "mape_head_g_raw": mape(g_head, asked["g_vrh"]),
+            "mape_head_g_kept": mape(g_head[kept_index], asked["g_vrh"]),
+        }
     if grader:
         grader_id, _ = load_grader(grader)
         graded = cgcnn_k(grader)(batch.structures)

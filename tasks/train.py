@@ -51,7 +51,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The labeled data at one moment (structure columns + ``k_vrh`` + ``from_loop``, K > 0) and its hash."""
+    """The labeled data at one moment (structure columns + ``k_vrh``, ``g_vrh`` + ``from_loop``, K > 0) and its
+    hash."""
 
     rows: list[dict[str, Any]]
     new_label_weight: float = DEFAULT_NEW_LABEL_WEIGHT
@@ -62,7 +63,7 @@ class TrainingData:
 
     @property
     def data_hash(self) -> str:
-        return snapshot_hash(self.structure_ids, [r["k_vrh"] for r in self.rows])
+        return snapshot_hash(self.structure_ids, [(r["k_vrh"], r.get("g_vrh")) for r in self.rows])
 
     @property
     def by_split(self) -> dict[str, list[dict[str, Any]]]:
@@ -160,10 +161,12 @@ def _fit_generator(lake: Lake, data: TrainingData, config: dict[str, Any], paren
     structures, k_vrh, weights = [from_row(r) for r in rows], [float(r["k_vrh"]) for r in rows], data.train_weights
     if parent_model_id:
         generator = load_generator(checkpoint_path(lake, resolve_model(lake, GENERATOR_KIND, parent_model_id)))
-        metrics = generator.finetune(structures, k_vrh, weights=weights)
     else:
         generator = CDVAEGenerator(CDVAEConfig.model_validate(config))
-        metrics = generator.train(structures, k_vrh, weights=weights)
+    conditioned = generator.config_dict.get("properties", ["k_vrh"])[1:]  # labels beyond K the generator learns
+    others = {name: [r.get(name) for r in rows] for name in conditioned}
+    fit = generator.finetune if parent_model_id else generator.train
+    metrics = fit(structures, k_vrh, weights=weights, other_labels=others)
     return Fitted(generator, {**metrics, "device": device_label(generator.device)})
 
 

@@ -158,10 +158,10 @@ def test_fine_tuning_gets_the_parent_weights_and_records_the_parent(registered, 
     seen: dict = {}
     original = CDVAEGenerator.finetune
 
-    def spy(self, structures, k_vrh, *, weights=None, progress=False):
+    def spy(self, structures, k_vrh, *, weights=None, progress=False, other_labels=None):
         seen["weights"], seen["vocab"] = list(weights), list(self.vocab)
         self.config = self.config.model_copy(update={"finetune_epochs": 1, "finetune_prior_epochs": 1})
-        return original(self, structures, k_vrh, weights=weights, progress=progress)
+        return original(self, structures, k_vrh, weights=weights, progress=progress, other_labels=other_labels)
 
     monkeypatch.setattr(CDVAEGenerator, "finetune", spy)
     params = TrainParams(lake_url=lake.url, what=["generator"], parent_generator=parent_id, new_label_weight=5.0)

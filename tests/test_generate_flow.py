@@ -18,7 +18,7 @@ from flows.train import TrainParams, train
 from storage.candidates import current
 from storage.ingest import ingest
 from storage.registry import GENERATOR_KIND, latest_model, register_model
-from tasks.train import training_data
+from tasks.train import _fit_generator, training_data
 
 
 def train_split(lake_url: str, **kwargs):
@@ -110,6 +110,50 @@ def test_generate_command_writes_cif_extxyz_and_scores(registered, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_k_and_g_generator_learns_the_lakes_g_labels_and_a_design_asks_it_for_g(
+    seeded_lake, prefect_server, tmp_path
+):
+    """The train task hands a K-and-G generator the G labels of the K labels' method; the generate flow asks it for
+    the centre of a design's G/K window (as G = ratio x K), and the generations row records what was asked."""
+    torch.set_num_threads(1)
+    data = training_data(seeded_lake.url)
+    rows = data.by_split["train"]
+    config = TINY.model_copy(update={"properties": ("k_vrh", "g_vrh")}).model_dump()
+    fitted = _fit_generator(seeded_lake, data, config, None)
+    assert fitted.metrics["n_labels_by_property"] == {
+        "k_vrh": len(rows),
+        "g_vrh": sum(1 for r in rows if (r["g_vrh"] or 0) > 0),
+    }
+    assert fitted.metrics["n_labels_by_property"]["g_vrh"] > 0.9 * len(rows)  # the MP records carry G
+    record = register_model(
+        seeded_lake,
+        kind=GENERATOR_KIND,
+        checkpoint=fitted.model.save(tmp_path / "tiny-kg.pt"),
+        data_snapshot=data.structure_ids,
+        data_hash=data.data_hash,
+        config=fitted.model.config_dict,
+        metrics=fitted.metrics,
+    )
+    design = "k_vrh in [100, 200] and g_vrh/k_vrh in [0.3, 0.5]"
+    generate(GenerateParams(lake_url=seeded_lake.url, design=design, samples_per_kept=4, n_kept=3))
+    row = seeded_lake.query("SELECT * FROM generations").to_pylist()[0]
+    assert row["generator_model_id"] == record.model_id and row["target"] == 150.0
+    assert json.loads(row["conditions_json"]) == {"k_vrh": 150.0, "g_vrh": 60.0}
+    assert 0 <= row["mape_head_g_raw"] < 5 and row["mape_head_g_kept"] is not None
+    assert {c["design"] for c in current(seeded_lake, 0)} == {design}
+
+
+def test_a_k_only_generator_is_asked_for_k_alone_by_a_design_with_a_g_window(registered, prefect_server):
+    lake, _ = registered
+    generate(
+        GenerateParams(
+            lake_url=lake.url, design="k_vrh in [100, 200] and g_vrh in [40, 80]", n_kept=2, samples_per_kept=3
+        )
+    )
+    row = lake.query("SELECT * FROM generations").to_pylist()[0]
+    assert row["target"] == 150.0 and row["conditions_json"] is None and row["mape_head_g_raw"] is None
+
+
 def test_train_generator_registers_and_is_cached(seeded_lake, prefect_server):
     params = TrainParams(lake_url=seeded_lake.url, what=["generator"])
     model_id = train(params)["generator"]

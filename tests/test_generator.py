@@ -337,6 +337,79 @@ def test_untrained_generator_and_bad_inputs_fail_clearly(trained, data):
         trained.score([oxide])
 
 
+# ---------- several conditions (K and G) ----------
+@pytest.fixture(scope="module")
+def trained_kg(shared_data) -> CDVAEGenerator:
+    """TINY conditioned on K and G, with a fifth of the G labels unknown (the head and prior must do without)."""
+    torch.set_num_threads(1)
+    records = metallic_records(shared_data, 120)
+    shear = [None if i % 5 == 0 else r["shear_modulus_vrh"] for i, r in enumerate(records)]
+    generator = CDVAEGenerator(TINY.model_copy(update={"properties": ("k_vrh", "g_vrh")}), device="cpu")
+    generator.train(
+        [Structure.from_dict(r["structure"]) for r in records],
+        [r["bulk_modulus_vrh"] for r in records],
+        other_labels={"g_vrh": shear},
+    )
+    return generator
+
+
+def test_a_k_and_g_generator_moves_g_at_a_fixed_k(trained_kg):
+    """The prior conditioned on K and G: at the same K, latents drawn at a high G read a higher G on the head."""
+    vae, prior = trained_kg.vae, trained_kg.prior
+    gen = torch.Generator().manual_seed(5)
+    heads = {}
+    for g in (20.0, 120.0):
+        y = vae.to_standard(torch.tensor([[150.0, g]]).repeat(64, 1))
+        z = prior.sample(y, gen, guidance=1.0, clip=TINY.prior_clip)
+        heads[g] = float(vae.predict(z)[:, 1].median().detach())
+    assert heads[120.0] > 1.3 * heads[20.0]
+    assert set(trained_kg.metrics["train_property_mape_by_property"]) == {"k_vrh", "g_vrh"}
+
+
+def test_a_k_and_g_generator_samples_dict_targets_and_plain_k_targets(trained_kg):
+    """Targets name K and G, or K alone (G left free); samples keep what each asked for, and the head scores both
+    (unguided: the tiny model's guidance pushes both targets onto its stiffest crystals)."""
+    asked = [{"k_vrh": 150.0, "g_vrh": 20.0}, {"k_vrh": 150.0, "g_vrh": 120.0}, 150.0]
+    batch = trained_kg.with_sampling(prior_guidance=1.0).sample(asked, 24, seed=3)
+    assert batch.conditions[:24] == [{"k_vrh": 150.0, "g_vrh": 20.0}] * 24
+    assert batch.conditions[-1] == {"k_vrh": 150.0} and set(batch.targets) == {150.0}
+    assert set(batch.property_scores) == {"k_vrh", "g_vrh"} and np.array_equal(
+        batch.property_scores["k_vrh"], batch.scores
+    )
+    g = batch.property_scores["g_vrh"]
+    assert np.median(g[24:48]) > 1.3 * np.median(g[:24])
+    assert [c for c, _ in batch.target_groups()] == [
+        {"k_vrh": 150.0},
+        {"k_vrh": 150.0, "g_vrh": 20.0},
+        {"k_vrh": 150.0, "g_vrh": 120.0},
+    ]
+
+
+def test_conditions_a_generator_does_not_have_are_refused(trained, trained_kg, data):
+    with pytest.raises(ValueError, match="conditioned on k_vrh, not g_vrh"):
+        trained.sample([{"k_vrh": 150.0, "g_vrh": 60.0}], 1, seed=0)
+    with pytest.raises(ValueError, match="needs a k_vrh"):
+        trained_kg.sample([{"g_vrh": 60.0}], 1, seed=0)
+    with pytest.raises(ValueError, match="g_vrh: the generator is conditioned on it"):
+        CDVAEGenerator(trained_kg.config).train(*data)
+    with pytest.raises(ValueError, match="labels for g_vrh"):
+        CDVAEGenerator(TINY).train(*data, other_labels={"g_vrh": [50.0] * len(data[0])})
+    with pytest.raises(ValueError, match="start with k_vrh"):
+        TINY.model_copy(update={}).model_validate({**TINY.model_dump(), "properties": ["g_vrh"]})
+
+
+def test_keep_best_ranks_on_every_property_a_target_asks_for():
+    """Two targets of one K but different G are kept apart, and each is ranked by K and G error together."""
+    structures = [_bcc(a, "W") for a in (3.0, 3.3, 3.6)] + [_bcc(a, "Mo") for a in (3.0, 3.3, 3.6)]
+    asked = [{"k_vrh": 300.0, "g_vrh": 100.0}] * 3 + [{"k_vrh": 300.0, "g_vrh": 150.0}] * 3
+    k = np.array([300.0, 290.0, 330.0, 300.0, 290.0, 330.0])
+    g = np.array([160.0, 105.0, 100.0, 100.0, 150.0, 150.0])
+    batch = SampleBatch(structures, np.full(6, 300.0), k, conditions=asked, property_scores={"k_vrh": k, "g_vrh": g})
+    kept = keep_best(batch, 1)
+    assert [round(s.lattice.a, 1) for s in kept.structures] == [3.3, 3.3]  # K and G both close; K alone picks 3.0
+    assert kept.conditions == [asked[0], asked[3]] and list(kept.property_scores["g_vrh"]) == [105.0, 150.0]
+
+
 # ---------- selection and metrics ----------
 def _bcc(a: float, element: str = "W") -> Structure:
     return Structure(Lattice.cubic(a), [element, element], [[0, 0, 0], [0.5, 0.5, 0.5]])

@@ -63,9 +63,26 @@ def test_a_malformed_design_is_refused_naming_the_bad_condition(spec, message):
 def test_design_from_a_dict_a_list_and_the_generator_condition():
     design = parse_design({"conditions": [{"property": "k_vrh", "low": 300, "high": 400}, "born_stable"]})
     assert design.text == "k_vrh in [300, 400] and born_stable" and design.generator_k == 350.0
-    assert parse_design(["g_vrh/k_vrh <= 0.57", "k_vrh in [330, 370]"]).conditions[1].feeds_generator
-    with pytest.raises(ValueError, match="only a k_vrh window"):
-        Condition(property="g_vrh", low=1, high=2, feeds_generator=True)
+    bound = parse_design(["g_vrh/k_vrh <= 0.57", "k_vrh in [330, 370]"])
+    assert [c.feeds_generator for c in bound.conditions] == [False, True]  # a bound has no centre to ask for
+    assert bound.generator_conditions == {"k_vrh": 350.0}
+    ratio = parse_design("k_vrh in [330, 370] and g_vrh/k_vrh in [0.3, 0.5] and g_vrh in [100, 200]")
+    assert [c.feeds_generator for c in ratio.conditions] == [True, True, False]  # the first G window feeds
+    assert ratio.generator_conditions == pytest.approx({"k_vrh": 350.0, "g_vrh": 140.0})  # G = 0.4 x 350
+    assert parse_design("k_vrh = 350 +- 20 and g_vrh in [100, 200]").generator_conditions == {
+        "k_vrh": 350,
+        "g_vrh": 150,
+    }
+    with pytest.raises(ValueError, match="only a k_vrh, g_vrh or g_vrh/k_vrh window"):
+        Condition(property="e_above_hull", low=0, high=0.1, feeds_generator=True)
+    with pytest.raises(ValueError, match="only one condition on g_vrh"):
+        DesignTarget(
+            conditions=[
+                Condition(property="k_vrh", low=300, high=400),
+                Condition(property="g_vrh", low=100, high=200, feeds_generator=True),
+                Condition(property="g_vrh/k_vrh", low=0.3, high=0.5, feeds_generator=True),
+            ]
+        )
 
 
 def test_a_stage_widens_each_window_by_its_tolerance_and_a_label_is_strict():

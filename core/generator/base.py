@@ -10,7 +10,7 @@ a checkpoint. The flows only call these, so a new generator plugs in by register
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, overload
@@ -35,13 +35,19 @@ class SampleBatch:
     """How each sample's coordinates were made (e.g. ``template``, ``langevin``), where the generator says."""
     draws: int | None = None
     """How many crystals were drawn to return these (more than returned where duplicates were drawn again)."""
+    conditions: list[dict[str, float]] | None = None
+    """What each sample was asked for, property -> value (GPa), where more than K can be asked; None: ``targets``."""
+    property_scores: dict[str, np.ndarray] | None = None
+    """The property head's value of each property it predicts, per sample (``scores`` is its K_vrh)."""
 
     def __post_init__(self) -> None:
         if not len(self.structures) == len(self.targets) == len(self.scores):
             raise ValueError("structures, targets and scores must have the same length")
-        for name in ("problems", "decoders"):
+        for name in ("problems", "decoders", "conditions"):
             if getattr(self, name) is not None and len(getattr(self, name)) != len(self.structures):
                 raise ValueError(f"{name} must have one entry per structure")
+        if any(len(v) != len(self.structures) for v in (self.property_scores or {}).values()):
+            raise ValueError("property_scores must have one entry per structure for each property")
 
     def __len__(self) -> int:
         return len(self.structures)
@@ -51,7 +57,35 @@ class SampleBatch:
         idx = np.asarray(indices, dtype=int)
         problems = None if self.problems is None else [self.problems[i] for i in idx]
         decoders = None if self.decoders is None else [self.decoders[i] for i in idx]
-        return SampleBatch([self.structures[i] for i in idx], self.targets[idx], self.scores[idx], problems, decoders)
+        conditions = None if self.conditions is None else [self.conditions[i] for i in idx]
+        scores = None if self.property_scores is None else {k: v[idx] for k, v in self.property_scores.items()}
+        return SampleBatch(
+            [self.structures[i] for i in idx],
+            self.targets[idx],
+            self.scores[idx],
+            problems,
+            decoders,
+            conditions=conditions,
+            property_scores=scores,
+        )
+
+    def target_groups(self) -> list[tuple[dict[str, float], np.ndarray]]:
+        """Each distinct target (property -> value) and its samples' indices, by ascending K, then K alone first."""
+        conditions = self.conditions or [{"k_vrh": float(t)} for t in self.targets]
+        groups: dict[tuple[tuple[str, float], ...], list[int]] = {}
+        for i, condition in enumerate(conditions):
+            groups.setdefault(tuple(sorted(condition.items())), []).append(i)
+        order = sorted(groups, key=lambda key: (dict(key)["k_vrh"], len(key), key))
+        return [(dict(key), np.asarray(groups[key], dtype=int)) for key in order]
+
+    def relative_error(self, condition: Mapping[str, float], idx: np.ndarray) -> np.ndarray:
+        """Per sample at ``idx``: the summed relative distance of its scores to each value asked for (K by
+        ``scores``, the other properties by ``property_scores``, where the batch has them)."""
+        err = np.abs(self.scores[idx] - condition["k_vrh"]) / max(abs(condition["k_vrh"]), 1e-9)
+        for name, value in condition.items():
+            if name != "k_vrh" and self.property_scores is not None and name in self.property_scores:
+                err = err + np.abs(self.property_scores[name][idx] - value) / max(abs(value), 1e-9)
+        return err
 
 
 class Generator(ABC):
@@ -68,8 +102,11 @@ class Generator(ABC):
         *,
         weights: Sequence[float] | None = None,
         progress: bool = False,
+        other_labels: Mapping[str, Sequence[float | None]] | None = None,
     ) -> dict[str, Any]:
-        """Fit from scratch on structures labelled with K_vrh (GPa), each drawn in proportion to its weight."""
+        """Fit from scratch on structures labelled with K_vrh (GPa), each drawn in proportion to its weight.
+
+        ``other_labels``: labels of the other properties the generator is conditioned on (None where unknown)."""
 
     def finetune(
         self,
@@ -78,6 +115,7 @@ class Generator(ABC):
         *,
         weights: Sequence[float] | None = None,
         progress: bool = False,
+        other_labels: Mapping[str, Sequence[float | None]] | None = None,
     ) -> dict[str, Any]:
         """Continue training this model on (new, weighted) data: the active-learning loop's warm start.
 
@@ -86,8 +124,11 @@ class Generator(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot be fine-tuned: it does not implement finetune()")
 
     @abstractmethod
-    def sample(self, targets: Sequence[float], n: int, seed: int) -> SampleBatch:
-        """``n`` structures per target K_vrh (GPa), reproducible for a given seed, scored by the property head."""
+    def sample(self, targets: Sequence[float | Mapping[str, float]], n: int, seed: int) -> SampleBatch:
+        """``n`` structures per target, reproducible for a given seed, scored by the property head.
+
+        A target is a K_vrh (GPa), or property -> value for a generator conditioned on several moduli (always
+        with ``k_vrh``; a property left out is left free)."""
 
     @abstractmethod
     def score(self, structures: Sequence[Structure]) -> np.ndarray:
@@ -124,7 +165,8 @@ def keep_best(
 ) -> SampleBatch | tuple[SampleBatch, np.ndarray]:
     """Per target, the ``n_kept`` valid, distinct structures whose score is closest (relatively) to the target.
 
-    Samples are ranked by |score - target| / target and taken from the top while skipping invalid
+    Samples are ranked by |score - target| / target (summed over the properties a target asks for, the others
+    scored by ``property_scores``) and taken from the top while skipping invalid
     structures (``batch.problems``, else ``core.structures.validity_problem``) and duplicates of a structure
     already kept for that target: same ``structure_id``, else a fit by stage I's matcher (``core.dedup``), so
     copies of one crystal, which score alike and so rank side by side, do not fill the kept set. A target may
@@ -134,9 +176,8 @@ def keep_best(
     if n_kept < 1:
         raise ValueError("n_kept must be at least 1")
     keep: list[int] = []
-    for target in np.unique(batch.targets):
-        idx = np.flatnonzero(batch.targets == target)
-        err = np.abs(batch.scores[idx] - target) / max(abs(float(target)), 1e-9)
+    for condition, idx in batch.target_groups():
+        err = batch.relative_error(condition, idx)
         seen: set[str] = set()
         kept_here, n_here = UniqueIndex(), 0
         for i in idx[np.argsort(err, kind="stable")]:
@@ -178,7 +219,7 @@ class Generation:
 
 def generate(
     generator: Generator,
-    targets: Sequence[float],
+    targets: Sequence[float | Mapping[str, float]],
     n_kept: int,
     samples_per_kept: int,
     seed: int,

@@ -74,7 +74,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -102,7 +102,7 @@ from core.generator.templates import TemplateBank
 from core.metrics import DistinctFilter, validity_problems
 from core.structures import symmetrize
 
-CHECKPOINT_FORMAT = 4
+CHECKPOINT_FORMAT = 5
 
 
 # ---------------------------------------------------------------- data
@@ -217,6 +217,12 @@ def composition_types(comp: Tensor, num_atoms: Tensor, n_elements: Tensor) -> Te
     return torch.repeat_interleave(vocab.flatten(), counts.flatten())
 
 
+def _masked_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over the entries of ``target`` that are known (not NaN)."""
+    known = ~torch.isnan(target)
+    return ((pred - target.nan_to_num()) ** 2 * known).sum() / known.sum().clamp_min(1)
+
+
 def _mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> nn.Sequential:
     mods: list[nn.Module] = []
     width = n_in
@@ -268,7 +274,7 @@ class CDVAE(nn.Module):
         self.dec_lattice = _mlp(c.latent_dim, h, LAT_DIM)
         self.dec_comp = _mlp(c.latent_dim, h, n_types)
         self.dec_nelem = _mlp(c.latent_dim, h, c.max_atoms)  # class i: i + 1 elements
-        self.prop_head = _mlp(c.latent_dim, h, 1)
+        self.prop_head = _mlp(c.latent_dim, h, len(c.properties))
         self.den_embed = nn.Embedding(n_types, h)
         self.den_cond = nn.Linear(c.latent_dim + 1, h)
         self.den_layers = nn.ModuleList(CSPLayer(h, c.n_freq) for _ in range(c.denoiser_layers))
@@ -279,8 +285,8 @@ class CDVAE(nn.Module):
         self.register_buffer("sigma_norm", self._sigma_norm(sigmas))
         self.register_buffer("lat_mean", torch.zeros(LAT_DIM))
         self.register_buffer("lat_std", torch.ones(LAT_DIM))
-        self.register_buffer("logk_mean", torch.zeros(()))
-        self.register_buffer("logk_std", torch.ones(()))
+        self.register_buffer("logp_mean", torch.zeros(len(c.properties)))  # log moduli, per property
+        self.register_buffer("logp_std", torch.ones(len(c.properties)))
 
     @staticmethod
     def _sigma_norm(sigmas: Tensor, n: int = 20000) -> Tensor:
@@ -299,12 +305,19 @@ class CDVAE(nn.Module):
     def standardize_lattice(self, lattice: Tensor) -> Tensor:
         return (lattice - self.lat_mean) / self.lat_std
 
-    def k_from_standard(self, y: Tensor) -> Tensor:
-        """K_vrh in GPa from the standardized log K the heads work in."""
-        return torch.exp(y * self.logk_std + self.logk_mean)
+    def from_standard(self, y: Tensor) -> Tensor:
+        """Moduli in GPa, shape (n, properties), from the standardized logs the heads work in."""
+        return torch.exp(y * self.logp_std + self.logp_mean)
+
+    def to_standard(self, values: Tensor) -> Tensor:
+        """Standardized logs of moduli (n, properties) in GPa; NaN (a value not known or not asked for) stays NaN."""
+        return (torch.log(values.clamp_min(1e-3)) - self.logp_mean) / self.logp_std
 
     def k_to_standard(self, k: Tensor) -> Tensor:
-        return (torch.log(k.clamp_min(1e-3)) - self.logk_mean) / self.logk_std
+        """The prior's condition for K targets alone, shape (n, properties): the other properties left free."""
+        values = torch.full((len(k), len(self.logp_mean)), float("nan"), device=k.device, dtype=k.dtype)
+        values[:, 0] = k
+        return self.to_standard(values)
 
     # ---- encoder / heads ----
     def encode(self, x: CrystalTensors) -> tuple[Tensor, Tensor]:
@@ -319,9 +332,13 @@ class CDVAE(nn.Module):
         mu, logvar = self.enc_out(pooled).chunk(2, dim=-1)
         return mu, logvar.clamp(-10, 10)
 
+    def predict(self, z: Tensor) -> Tensor:
+        """The property head's moduli (GPa) for latents z, shape (n, properties)."""
+        return self.from_standard(self.prop_head(z))
+
     def predict_k(self, z: Tensor) -> Tensor:
         """The property head's K_vrh (GPa) for latents z."""
-        return self.k_from_standard(self.prop_head(z).squeeze(-1))
+        return self.predict(z)[:, 0]
 
     def denoise(
         self,
@@ -350,8 +367,9 @@ class CDVAE(nn.Module):
         return self.den_coord(h), self.den_type(h)
 
     # ---- training loss ----
-    def losses(self, x: CrystalTensors, k: Tensor) -> dict[str, Tensor]:
-        """The unweighted VAE loss terms for a batch (uses the global torch RNG)."""
+    def losses(self, x: CrystalTensors, y: Tensor) -> dict[str, Tensor]:
+        """The unweighted VAE loss terms for a batch with standardized property labels ``y`` (n, properties; NaN
+        where a label is unknown, left out of the property term) (uses the global torch RNG)."""
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         lat_std = self.standardize_lattice(x.lattice)
@@ -361,7 +379,7 @@ class CDVAE(nn.Module):
             "lattice": F.mse_loss(self.dec_lattice(z), lat_std),
             "composition": -(comp * F.log_softmax(self.dec_comp(z), -1)).sum(-1).mean(),
             "nelements": F.cross_entropy(self.dec_nelem(z), (comp > 0).sum(-1) - 1),
-            "property": F.mse_loss(self.prop_head(z).squeeze(-1), self.k_to_standard(k)),
+            "property": _masked_mse(self.prop_head(z), y),
             "kl": (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(-1)).mean(),
         }
         level = torch.randint(0, len(self.sigmas), (x.n_crystals,), device=z.device)
@@ -434,9 +452,13 @@ class CDVAE(nn.Module):
 
 
 class LatentPrior(nn.Module):
-    """p(z | K): conditional DDPM over standardized latents (cosine schedule, ε-prediction, K dropout for guidance)."""
+    """p(z | properties): conditional DDPM over standardized latents (cosine schedule, ε-prediction).
 
-    def __init__(self, latent_dim: int, hidden: int, layers: int, steps: int) -> None:
+    The condition is one standardized log modulus per property with a flag saying whether it is given; each is
+    dropped on its own in training (and an unknown label is never given), so one prior samples for K alone, for
+    K and G together, or unconditioned (the guidance baseline)."""
+
+    def __init__(self, latent_dim: int, hidden: int, layers: int, steps: int, n_properties: int = 1) -> None:
         super().__init__()
         self.steps = steps
         s = 0.008
@@ -447,26 +469,27 @@ class LatentPrior(nn.Module):
         self.register_buffer("abar", torch.cumprod(1 - betas, 0))
         self.register_buffer("z_mean", torch.zeros(latent_dim))
         self.register_buffer("z_std", torch.ones(latent_dim))
-        self.net = _mlp(latent_dim + 16 + 2, hidden, latent_dim, layers=layers + 1)
+        self.net = _mlp(latent_dim + 16 + 2 * n_properties, hidden, latent_dim, layers=layers + 1)
 
     def _eps(self, zt: Tensor, t: Tensor, y: Tensor, has_y: Tensor) -> Tensor:
         freqs = torch.exp(torch.linspace(0, math.log(1000), 8, device=zt.device))
         ang = (t.float() / self.steps).unsqueeze(-1) * freqs
-        cond = torch.stack([y * has_y, has_y], dim=-1)
+        cond = torch.cat([y.nan_to_num() * has_y, has_y], dim=-1)
         return self.net(torch.cat([zt, torch.sin(ang), torch.cos(ang), cond], dim=-1))
 
     def loss(self, z: Tensor, y: Tensor, cond_dropout: float) -> Tensor:
-        """Denoising loss on a batch of latents z with standardized log K ``y``."""
+        """Denoising loss on a batch of latents z with standardized log moduli ``y`` (n, properties; NaN: unknown)."""
         z0 = (z - self.z_mean) / self.z_std
         t = torch.randint(0, self.steps, (len(z),), device=z.device)
         eps = torch.randn_like(z0)
         ab = self.abar[t].unsqueeze(-1)
-        has_y = (torch.rand(len(z), device=z.device) >= cond_dropout).float()
+        has_y = ((torch.rand(y.shape, device=z.device) >= cond_dropout) & ~torch.isnan(y)).float()
         return F.mse_loss(self._eps(ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, y, has_y), eps)
 
     @torch.no_grad()
     def sample(self, y: Tensor, gen: torch.Generator, guidance: float, clip: float) -> Tensor:
-        """One latent per entry of ``y`` (standardized log K), by ancestral sampling through the clean-latent estimate.
+        """One latent per row of ``y`` (standardized log moduli, NaN where a property is left free), by ancestral
+        sampling through the clean-latent estimate; guidance pushes away from the unconditioned prior.
 
         Each step estimates the clean (standardized) latent from the predicted noise, clamps it to
         ``[-clip, clip]`` and takes the posterior q(z_{t-1} | z_t, z_0) as in DDPM's clipped sampler. The
@@ -476,12 +499,12 @@ class LatentPrior(nn.Module):
         """
         device = y.device
         zt = torch.randn(len(y), len(self.z_mean), generator=gen, device=device)
-        ones, zeros = torch.ones_like(y), torch.zeros_like(y)
+        given, none = (~torch.isnan(y)).float(), torch.zeros_like(y)
         for step in reversed(range(self.steps)):
             t = torch.full((len(y),), step, device=device, dtype=torch.long)
-            eps = self._eps(zt, t, y, ones)
+            eps = self._eps(zt, t, y, given)
             if guidance != 1.0:
-                eps_u = self._eps(zt, t, y, zeros)
+                eps_u = self._eps(zt, t, y, none)
                 eps = eps_u + guidance * (eps - eps_u)
             beta, ab = self.betas[step], self.abar[step]
             z0 = ((zt - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-clip, clip)
@@ -516,7 +539,9 @@ class CDVAEGenerator(Generator):
         c = self.config
         self.vocab = vocab
         self.vae = CDVAE(c, len(vocab)).to(self.device)
-        self.prior = LatentPrior(c.latent_dim, c.prior_hidden, c.prior_layers, c.prior_steps).to(self.device)
+        self.prior = LatentPrior(c.latent_dim, c.prior_hidden, c.prior_layers, c.prior_steps, len(c.properties)).to(
+            self.device
+        )
 
     def _ready(self) -> tuple[CDVAE, LatentPrior]:
         if self.vae is None or self.prior is None:
@@ -551,7 +576,7 @@ class CDVAEGenerator(Generator):
         vae, _ = self._ready()
         vae.eval()
         mu, _ = vae.encode(x)
-        return vae.predict_k(mu)
+        return vae.predict(mu)
 
     @torch.no_grad()
     def latents(self, structures: Sequence[Structure]) -> np.ndarray:
@@ -585,7 +610,7 @@ class CDVAEGenerator(Generator):
         return list(order.split(batch_size))
 
     def _fit_vae(
-        self, crystals: list[Crystal], k: Tensor, weights: Tensor, epochs: int, lr: float, progress: bool
+        self, crystals: list[Crystal], y: Tensor, weights: Tensor, epochs: int, lr: float, progress: bool
     ) -> dict[str, float]:
         """Step 1: the VAE and its property head, ``epochs`` of cosine-annealed AdamW from the current weights."""
         vae, _ = self._ready()
@@ -599,7 +624,7 @@ class CDVAEGenerator(Generator):
             sums = dict.fromkeys([*loss_weights, "total"], 0.0)
             for idx in self._epoch_batches(weights, c.batch_size):
                 x = collate([crystals[i] for i in idx]).to(self.device)
-                terms = vae.losses(x, k[idx.to(self.device)])
+                terms = vae.losses(x, y[idx.to(self.device)])
                 total = sum(loss_weights[name] * value for name, value in terms.items())
                 opt.zero_grad()
                 total.backward()
@@ -624,7 +649,7 @@ class CDVAEGenerator(Generator):
         return torch.cat(parts)
 
     def _fit_prior(self, mus: Tensor, y: Tensor, weights: Tensor, epochs: int, lr: float, progress: bool) -> float:
-        """Step 2: the K-conditioned latent prior on the encoder means ``mus``, from its current weights."""
+        """Step 2: the property-conditioned latent prior on the encoder means ``mus``, from its current weights."""
         _, prior = self._ready()
         c = self.config
         opt = torch.optim.AdamW(prior.parameters(), lr=lr)
@@ -645,6 +670,27 @@ class CDVAEGenerator(Generator):
         prior.eval()
         return prior_loss
 
+    def _labels(
+        self, k_vrh: Sequence[float], others: Mapping[str, Sequence[float | None]] | None, keep: list[int]
+    ) -> Tensor:
+        """The kept structures' labels, one column per configured property (K first; NaN where unknown or <= 0)."""
+        others = dict(others or {})
+        wrong = sorted(set(others) - set(self.config.properties[1:]))
+        if wrong:
+            raise ValueError(
+                f"labels for {', '.join(wrong)}: this generator is conditioned on {', '.join(self.config.properties)}"
+            )
+        columns = [[float(k_vrh[i]) for i in keep]]
+        for name in self.config.properties[1:]:
+            values = others.get(name)
+            if values is None or len(values) != len(k_vrh):
+                raise ValueError(f"{name}: the generator is conditioned on it; give one label per structure (or None)")
+            column = [float("nan") if values[i] is None or not values[i] > 0 else float(values[i]) for i in keep]
+            if sum(not math.isnan(v) for v in column) < 2:
+                raise ValueError(f"{name}: need at least 2 structures with a positive label to condition on it")
+            columns.append(column)
+        return torch.tensor(columns, device=self.device).T
+
     def _fit(
         self,
         structures: Sequence[Structure],
@@ -654,6 +700,7 @@ class CDVAEGenerator(Generator):
         lr: tuple[float, float],
         progress: bool,
         fresh: bool,
+        other_labels: Mapping[str, Sequence[float | None]] | None = None,
     ) -> dict[str, Any]:
         """Both training steps on the usable structures; ``fresh`` builds the model and its statistics first."""
         keep = self._usable(structures, k_vrh)
@@ -669,7 +716,7 @@ class CDVAEGenerator(Generator):
         index = {s: i for i, s in enumerate(self.vocab)}
         keep = [i for i in keep if all(site.specie.symbol in index for site in structures[i])]
         crystals = [crystal_of(structures[i], index) for i in keep]
-        k = torch.tensor([float(k_vrh[i]) for i in keep], device=self.device)
+        labels = self._labels(k_vrh, other_labels, keep)
         w = torch.tensor([1.0 if weights is None else float(weights[i]) for i in keep])
         if bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError("weights must be non-negative and not all zero")
@@ -677,24 +724,35 @@ class CDVAEGenerator(Generator):
             lat = torch.from_numpy(np.stack([x.lattice for x in crystals])).float().to(self.device)
             vae.lat_mean.copy_(lat.mean(0))
             vae.lat_std.copy_(lat.std(0).clamp_min(1e-3))
-            vae.logk_mean.copy_(torch.log(k).mean())
-            vae.logk_std.copy_(torch.log(k).std().clamp_min(1e-3))
-        last = self._fit_vae(crystals, k, w, epochs[0], lr[0], progress)
+            logs = torch.log(labels)
+            known = ~torch.isnan(logs)
+            for j in range(logs.shape[1]):
+                vae.logp_mean[j] = logs[known[:, j], j].mean()
+                vae.logp_std[j] = logs[known[:, j], j].std().clamp_min(1e-3)
+        y = vae.to_standard(labels)
+        last = self._fit_vae(crystals, y, w, epochs[0], lr[0], progress)
         mus = self._encoded_means(crystals)
         if fresh:
             prior.z_mean.copy_(mus.mean(0))
             prior.z_std.copy_(mus.std(0).clamp_min(1e-4))
         self.templates = TemplateBank(crystals, mus)
-        prior_loss = self._fit_prior(mus, vae.k_to_standard(k), w, epochs[1], lr[1], progress)
+        prior_loss = self._fit_prior(mus, y, w, epochs[1], lr[1], progress)
         with torch.no_grad():
-            k_head = vae.predict_k(mus)
+            head = vae.predict(mus)
+        known = ~torch.isnan(labels)
+        mapes = {
+            name: float(((head[:, j] - labels[:, j]).abs() / labels[:, j])[known[:, j]].mean())
+            for j, name in enumerate(self.config.properties)
+        }
         return {
             "n_train": len(keep),
             "n_skipped": len(structures) - len(keep),
             "n_weighted": int((w != 1.0).sum()),
             "vae_loss": last,
             "prior_loss": prior_loss,
-            "train_property_mape": float(((k_head - k).abs() / k).mean()),
+            "train_property_mape": mapes["k_vrh"],
+            "train_property_mape_by_property": mapes,
+            "n_labels_by_property": {name: int(known[:, j].sum()) for j, name in enumerate(self.config.properties)},
         }
 
     def train(
@@ -704,16 +762,26 @@ class CDVAEGenerator(Generator):
         *,
         weights: Sequence[float] | None = None,
         progress: bool = False,
+        other_labels: Mapping[str, Sequence[float | None]] | None = None,
     ) -> dict[str, Any]:
         """Both training steps from scratch: the VAE with its property head, then the latent prior.
 
         Structures with more than ``max_atoms`` sites or a non-positive K are skipped (counted in
-        the metrics). ``weights`` (default all 1) set how often each structure is drawn. Returns
-        per-term losses of the last epoch, the property head's MAPE on the training set and the counts.
+        the metrics). ``weights`` (default all 1) set how often each structure is drawn. ``other_labels``
+        holds the labels of the configured properties after K (``{"g_vrh": [...]}``, None where unknown: the
+        head is not fitted on it and the prior sees that property as free). Returns per-term losses of the last
+        epoch, the property head's MAPE on the training set (per property too) and the counts.
         """
         c = self.config
         self.metrics = self._fit(
-            structures, k_vrh, weights, (c.vae_epochs, c.prior_epochs), (c.lr, c.prior_lr), progress, fresh=True
+            structures,
+            k_vrh,
+            weights,
+            (c.vae_epochs, c.prior_epochs),
+            (c.lr, c.prior_lr),
+            progress,
+            fresh=True,
+            other_labels=other_labels,
         )
         return self.metrics
 
@@ -724,6 +792,7 @@ class CDVAEGenerator(Generator):
         *,
         weights: Sequence[float] | None = None,
         progress: bool = False,
+        other_labels: Mapping[str, Sequence[float | None]] | None = None,
     ) -> dict[str, Any]:
         """Continue training this model (warm start): ``finetune_epochs`` of both steps at ``finetune_lr_scale``.
 
@@ -741,14 +810,33 @@ class CDVAEGenerator(Generator):
             (c.lr * scale, c.prior_lr * scale),
             progress,
             fresh=False,
+            other_labels=other_labels,
         )
         self.metrics = {**metrics, "finetuned": True}
         return self.metrics
 
     # ---- sampling ----
+    def condition(self, target: float | Mapping[str, float]) -> dict[str, float]:
+        """A target as property -> value (GPa): a number is a K_vrh target; a mapping names its properties (K_vrh
+        and any others this generator is conditioned on). A ValueError says what is wrong."""
+        wanted = {"k_vrh": target} if not isinstance(target, Mapping) else dict(target)
+        unknown = sorted(set(wanted) - set(self.config.properties))
+        if unknown:
+            raise ValueError(
+                f"target {target!r}: this generator is conditioned on {', '.join(self.config.properties)}, "
+                f"not {', '.join(unknown)}"
+            )
+        if "k_vrh" not in wanted:
+            raise ValueError(f"target {target!r}: every target needs a k_vrh value")
+        bad = {name: v for name, v in wanted.items() if not (isinstance(v, int | float) and v > 0)}
+        if bad:
+            raise ValueError(f"targets must be positive moduli in GPa, got {bad}")
+        return {name: float(v) for name, v in wanted.items()}
+
     @torch.no_grad()
-    def sample(self, targets: Sequence[float], n: int, seed: int) -> SampleBatch:
-        """``n`` distinct crystals per target K (GPa), decoded in batches of ``sample_batch``; same seed, same crystals.
+    def sample(self, targets: Sequence[float | Mapping[str, float]], n: int, seed: int) -> SampleBatch:
+        """``n`` distinct crystals per target (a K in GPa, or property -> value for a generator conditioned on several
+        moduli), decoded in batches of ``sample_batch``; same seed, same crystals.
 
         A crystal that matches one already drawn for its target is drawn again, up to ``max_draws`` draws per
         returned crystal in all; past that the batch is filled with the duplicates (``SampleBatch.draws`` counts).
@@ -756,38 +844,45 @@ class CDVAEGenerator(Generator):
         vae, prior = self._ready()
         if n < 1 or not targets:
             raise ValueError("need at least one target and n >= 1")
-        if any(t <= 0 for t in targets):
-            raise ValueError(f"targets must be positive K_vrh values in GPa, got {list(targets)}")
+        conditions = [self.condition(t) for t in targets]
         vae.eval()
         prior.eval()
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        kept: list[list[tuple[Structure, str]]] = [[] for _ in targets]
-        spare: list[list[tuple[Structure, str]]] = [[] for _ in targets]
-        filters = [DistinctFilter(by_space_group=True) for _ in targets]
-        budget, draws = math.floor(self.config.max_draws * n * len(targets)), 0
+        kept: list[list[tuple[Structure, str]]] = [[] for _ in conditions]
+        spare: list[list[tuple[Structure, str]]] = [[] for _ in conditions]
+        filters = [DistinctFilter(by_space_group=True) for _ in conditions]
+        budget, draws = math.floor(self.config.max_draws * n * len(conditions)), 0
         while (missing := [n - len(k) for k in kept]) and any(missing) and draws < budget:
             wanted = [i for i, m in enumerate(missing) for _ in range(m)][: budget - draws]
             draws += len(wanted)
-            for i, drawn in zip(wanted, self._draw(vae, prior, [targets[i] for i in wanted], gen), strict=True):
+            for i, drawn in zip(wanted, self._draw(vae, prior, [conditions[i] for i in wanted], gen), strict=True):
                 (kept[i] if self.config.max_draws == 1 or filters[i].admit(drawn[0]) else spare[i]).append(drawn)
-        chosen = [(t, *d) for t, k, extra in zip(targets, kept, spare, strict=True) for d in (k + extra)[:n]]
+        chosen = [(c, *d) for c, k, extra in zip(conditions, kept, spare, strict=True) for d in (k + extra)[:n]]
         structures = [c[1] for c in chosen]
-        batch = self.config.sample_batch
-        scores = np.concatenate([self.score(structures[i : i + batch]) for i in range(0, len(structures), batch)])
+        scores = self.property_scores(structures)
         problems = validity_problems(structures, device=str(self.device))  # batched on the model's device
         return SampleBatch(
-            structures, np.array([float(c[0]) for c in chosen]), scores, problems, [c[2] for c in chosen], draws
+            structures,
+            np.array([c[0]["k_vrh"] for c in chosen]),
+            scores["k_vrh"],
+            problems,
+            [c[2] for c in chosen],
+            draws,
+            conditions=[c[0] for c in chosen],
+            property_scores=scores,
         )
 
     def _draw(
-        self, vae: CDVAE, prior: LatentPrior, targets: Sequence[float], gen: torch.Generator
+        self, vae: CDVAE, prior: LatentPrior, conditions: Sequence[Mapping[str, float]], gen: torch.Generator
     ) -> list[tuple[Structure, str]]:
-        """One crystal per target K (GPa) from the prior and the decoders, symmetrized, with its decoder's name."""
+        """One crystal per condition from the prior and the decoders, symmetrized, with its decoder's name."""
         c = self.config
         out: list[tuple[Structure, str]] = []
-        k_all = torch.tensor([float(t) for t in targets], device=self.device)
-        for k in k_all.split(c.sample_batch):
-            z = prior.sample(vae.k_to_standard(k), gen, c.prior_guidance, c.prior_clip)
+        values = torch.tensor(
+            [[cond.get(name, float("nan")) for name in c.properties] for cond in conditions], device=self.device
+        )
+        for chunk in values.split(c.sample_batch):
+            z = prior.sample(vae.to_standard(chunk), gen, c.prior_guidance, c.prior_clip)
             crystals, how = self._decode(vae, z, gen)
             structures = self._structures(crystals)
             if c.symprec > 0:
@@ -834,9 +929,18 @@ class CDVAEGenerator(Generator):
 
     def score(self, structures: Sequence[Structure]) -> np.ndarray:
         """The property head's K_vrh (GPa) of the encoder mean of each structure."""
-        if not structures:
-            return np.zeros(0)
-        return self._score_tensors(self.featurize(structures)).cpu().numpy().astype(float)
+        return self.property_scores(structures)["k_vrh"]
+
+    def property_scores(self, structures: Sequence[Structure]) -> dict[str, np.ndarray]:
+        """The property head's value (GPa) of every configured property for the encoder mean of each structure,
+        encoded in batches of ``sample_batch``."""
+        batch = self.config.sample_batch
+        parts = [np.zeros((0, len(self.config.properties)))] + [
+            self._score_tensors(self.featurize(structures[i : i + batch])).cpu().numpy().astype(float)
+            for i in range(0, len(structures), batch)
+        ]
+        scores = np.concatenate(parts)
+        return {name: scores[:, j] for j, name in enumerate(self.config.properties)}
 
     @torch.no_grad()
     def reconstruct(self, structures: Sequence[Structure], seed: int) -> list[Structure]:

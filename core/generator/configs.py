@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.presets import Presets
 
@@ -29,6 +29,10 @@ class LossWeights(BaseModel):
     kl: float = 0.01
 
 
+GeneratorProperty = Literal["k_vrh", "g_vrh"]
+"""Moduli a generator can be conditioned on (GPa; the heads work in standardized log)."""
+
+
 class CDVAEConfig(BaseModel):
     """Everything that defines a trained generator: architecture, noise schedule, training, sampling."""
 
@@ -42,6 +46,12 @@ class CDVAEConfig(BaseModel):
     denoiser_layers: int = Field(3, ge=1)
     n_freq: int = Field(8, ge=1, description="Fourier frequencies of fractional-coordinate differences")
     max_atoms: int = Field(20, ge=1, description="largest cell the model can decode; bigger cells are skipped")
+    properties: tuple[GeneratorProperty, ...] = Field(
+        ("k_vrh",),
+        min_length=1,
+        description="what the property head predicts and the prior is conditioned on, K_vrh first; a sample may "
+        "be asked for any subset (a property not asked for is left free, as in training's condition dropout)",
+    )
     # ---- noise ----
     sigma_max: float = Field(0.5, gt=0, description="largest wrapped-normal noise on fractional coordinates")
     sigma_min: float = Field(0.005, gt=0)
@@ -63,7 +73,9 @@ class CDVAEConfig(BaseModel):
     prior_hidden: int = Field(128, ge=8)
     prior_layers: int = Field(3, ge=1)
     prior_steps: int = Field(100, ge=2, description="diffusion steps of the latent prior")
-    prior_cond_dropout: float = Field(0.1, ge=0, lt=1, description="drop K during prior training (for guidance)")
+    prior_cond_dropout: float = Field(
+        0.1, ge=0, lt=1, description="drop each property's condition during prior training (for guidance)"
+    )
     prior_guidance: float = Field(
         2.0,
         ge=0,
@@ -100,6 +112,14 @@ class CDVAEConfig(BaseModel):
         "(StructureMatcher, as the uniqueness metric); 1 = return what is drawn, duplicates included",
     )
 
+    @field_validator("properties")
+    @classmethod
+    def _k_first_once_each(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """K_vrh is the head's first output (what ``score`` and keep-best read); each property once."""
+        if value[0] != "k_vrh" or len(set(value)) != len(value):
+            raise ValueError(f"properties must start with k_vrh and name each property once, got {list(value)}")
+        return value
+
     SAMPLING: ClassVar[frozenset[str]] = frozenset(
         {
             "prior_guidance",
@@ -126,6 +146,8 @@ PRESETS: Presets[CDVAEConfig] = Presets(
         # denoiser is what puts samples near a minimum (true-lattice decoding matched 44 % of training crystals
         # after 60 epochs, 46 % after 200, 59 % with 3 corrector steps; P1 outputs 61 % -> 40 % -> 24 %)
         "small": CDVAEConfig(name="small", lr=2e-3, vae_epochs=200),
+        # the same, conditioned on K and G: a design's G window (or G/K window) feeds it as well as its K window
+        "small-kg": CDVAEConfig(name="small-kg", lr=2e-3, vae_epochs=200, properties=("k_vrh", "g_vrh")),
         "paper": CDVAEConfig(
             name="paper",
             hidden=256,
