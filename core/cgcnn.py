@@ -1,8 +1,10 @@
-"""CGCNN ensemble predicting log10 K_vrh: model, training, inference, safe checkpoints.
+"""CGCNN ensemble predicting log10 of a modulus (K_vrh, or G_vrh for a shear ensemble): model, training,
+inference, safe checkpoints.
 
 The model is Xie & Grossman's crystal graph network on torch-geometric's ``CGConv``: element
 features -> linear embedding -> ``n_conv`` gated graph convolutions over Gaussian-expanded
-distances -> mean over sites -> an MLP -> log10 K_vrh (GPa). Targets are standardized with the
+distances -> mean over sites -> an MLP -> log10 K_vrh (GPa; ``target`` names another modulus, e.g. the stage-I
+G predictor of a design with a G or G/K condition). Targets are standardized with the
 training mean and spread, kept as buffers in the model so a checkpoint predicts on its own.
 
 An ensemble is ``n_models`` members trained on the same split with seeds ``seed, seed+1, ...``
@@ -62,12 +64,21 @@ class CGCNNConfig(BaseModel):
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate, cosine-annealed to lr/100 over max_epochs")
     weight_decay: float = Field(1e-5, ge=0)
     loss: Literal["l1", "mse"] = Field("l1", description="training loss on the standardized log10 K")
+    target: Literal["k_vrh", "g_vrh"] = Field("k_vrh", description="the modulus the ensemble predicts (log10 GPa)")
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
 
-    ARCHITECTURE: ClassVar[tuple[str, ...]] = ("graph", "atom_hidden", "n_conv", "fc_hidden", "n_fc", "n_models")
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = (
+        "graph",
+        "atom_hidden",
+        "n_conv",
+        "fc_hidden",
+        "n_fc",
+        "n_models",
+        "target",
+    )
 
     def architecture(self) -> dict[str, Any]:
-        """The fields a checkpoint must agree on to load (graph settings, layer sizes, member count)."""
+        """The fields a checkpoint must agree on to load (graph, layer sizes, member count, what it predicts)."""
         dumped = self.model_dump(mode="json")
         return {k: dumped[k] for k in self.ARCHITECTURE}
 
@@ -147,9 +158,13 @@ class CGCNN(nn.Module):
 # ---------- predictions ----------
 @dataclass(frozen=True)
 class Prediction:
-    """Ensemble predictions for n structures: member values and their mean and spread."""
+    """Ensemble predictions for n structures: member values and their mean and spread.
+
+    The ``k`` names are the default target's; an ensemble trained on another modulus (``target``) fills them with
+    that modulus (``gpa`` and ``gpa_std`` say so without the K)."""
 
     members_log10: np.ndarray  # (n_models, n)
+    target: str = "k_vrh"
 
     @property
     def log10_k(self) -> np.ndarray:
@@ -173,6 +188,11 @@ class Prediction:
         members = 10.0**self.members_log10
         n = members.shape[0]
         return members.std(axis=0, ddof=1) if n > 1 else np.zeros(members.shape[1])
+
+    gpa = k_vrh
+    """The predicted modulus (``target``) in GPa."""
+    gpa_std = k_vrh_std
+    """Its uncertainty in GPa."""
 
 
 def _batches(n: int, size: int, order: np.ndarray | None = None) -> list[np.ndarray]:
@@ -318,7 +338,7 @@ class Ensemble:
     def predict_graphs(self, graphs: Sequence[CrystalGraph], batch_size: int = 256) -> Prediction:
         """Member predictions for already-built graphs."""
         values = [_predict_member(m, graphs, self.device, batch_size) for m in self.members]
-        return Prediction(np.stack(values) if values else np.zeros((0, len(graphs))))
+        return Prediction(np.stack(values) if values else np.zeros((0, len(graphs))), self.config.target)
 
     def predict_rows(
         self,

@@ -100,8 +100,10 @@ def latent_map(latents: np.ndarray, is_new: np.ndarray, values: np.ndarray, path
     return _save(fig, path)
 
 
-def parity_plot(true_gpa: np.ndarray, pred_gpa: np.ndarray, std_gpa: np.ndarray, path: Path, title: str) -> Path:
-    """Log-log parity plot of predicted vs reference K_vrh with the ensemble spread as error bars."""
+def parity_plot(
+    true_gpa: np.ndarray, pred_gpa: np.ndarray, std_gpa: np.ndarray, path: Path, title: str, quantity: str = "K_vrh"
+) -> Path:
+    """Log-log parity plot of a predicted vs reference modulus with the ensemble spread as error bars."""
     fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
     lo = float(min(true_gpa.min(), pred_gpa.min())) * 0.8
     hi = float(max(true_gpa.max(), pred_gpa.max())) * 1.25
@@ -113,8 +115,8 @@ def parity_plot(true_gpa: np.ndarray, pred_gpa: np.ndarray, std_gpa: np.ndarray,
         yscale="log",
         xlim=(lo, hi),
         ylim=(lo, hi),
-        xlabel="reference K_vrh (GPa)",
-        ylabel="CGCNN K_vrh (GPa)",
+        xlabel=f"reference {quantity} (GPa)",
+        ylabel=f"CGCNN {quantity} (GPa)",
     )
     return _save(fig, path)
 

@@ -37,11 +37,13 @@ def gnn_verdicts(
     known: Sequence[Mapping[str, Any]],
     tolerance: float,
     model_id: str,
+    shear: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[tuple[dict[str, Any], str]]:
     """Per candidate, its stage I update and its outcome (one of ``OUTCOMES``), in the order of ``todo``.
 
     See the module docstring for the order of the checks. ``known`` are the lake structures a survivor may
-    duplicate (``storage.queries.dedup_references``).
+    duplicate (``storage.queries.dedup_references``). ``shear`` holds the shear predictor's G per structure where
+    a design has a G or G/K condition (``tasks.predict.predict``); without it those conditions stay unknown.
     """
     updates: dict[int, dict[str, Any]] = {}
     outcomes: dict[int, str] = {}
@@ -58,7 +60,9 @@ def gnn_verdicts(
             "gnn_k_std": p["k_vrh_std"],
             "gnn_model_id": model_id,
         }
-        base["conditions_json"], failed = stage_checks(cand, "gnn", stage_values(k_vrh=p["k_vrh"]), tolerance)
+        g = shear[sid]["g_vrh"] if shear and sid in shear else None
+        values = stage_values(k_vrh=p["k_vrh"], g_vrh=g)
+        base["conditions_json"], failed = stage_checks(cand, "gnn", values, tolerance)
         k_text = f"K {p['k_vrh']:.0f}±{p['k_vrh_std']:.0f} GPa"
         if rows[sid]["nelements"] < 2:
             updates[n] = {**base, "gnn_reason": f"single-element structure ({rows[sid]['elements'][0]})"}

@@ -162,6 +162,11 @@ class DesignTarget(BaseModel):
         """The property names the conditions are on."""
         return frozenset(c.property for c in self.conditions)
 
+    @property
+    def asks_for_g(self) -> bool:
+        """Whether a condition is on G (``g_vrh`` or ``g_vrh/k_vrh``): stage I then needs the shear predictor."""
+        return bool({"g_vrh", "g_vrh/k_vrh"} & self.properties)
+
     def evaluate(self, values: Mapping[str, float | None], tolerance: float = 0.0) -> dict[str, dict[str, Any]]:
         """Per condition (by its text): the value, the verdict and why, for the values a stage has."""
         out = {}

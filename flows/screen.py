@@ -1,7 +1,7 @@
 """The ``screen`` flow: stage I (CGCNN) and stage II (foundation atomic model) for one iteration.
 
 Each stage has the same shape: select the candidates waiting for it (``storage.candidates.current``), call
-its cached task (``tasks.predict.predict_k``, ``tasks.fam.fam_batch``), let ``core.screening`` decide, and
+its cached task (``tasks.predict.predict``, ``tasks.fam.fam_batch``), let ``core.screening`` decide, and
 record through ``storage`` (``properties``, ``jobs``, ``structures`` and the candidates' new rows). Stage I
 moves ``generated -> gnn_pass | rejected``; stage II ``gnn_pass -> fam_pass | rejected``. A stage touches
 only candidates still waiting for it, so a rerun resumes where a crashed run stopped, and the cached tasks
@@ -135,7 +135,7 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     # stage I pulls in the predictor stack: loaded only when it runs
     from core.screening import GNN_OUTCOMES, gnn_verdicts
     from storage.registry import PREDICTOR_KIND, resolve_model
-    from tasks.predict import predict_k
+    from tasks.predict import predict
 
     if tolerance <= 0:
         raise ValueError(f"tolerance must be positive, got {tolerance}")
@@ -152,17 +152,46 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     ids = sorted({c["structure_id"] for c in todo})
     rows = {r["structure_id"]: r for r in structure_rows(lake, ids)}
     logger.info("iteration %d: predicting K for %d structures (%d candidates)", iteration, len(ids), len(todo))
-    predictions = {p["structure_id"]: p for p in in_lake(predict_k, lake_url)(lake_url, record.model_id, ids)}
+    predictions = {p["structure_id"]: p for p in in_lake(predict, lake_url)(lake_url, record.model_id, ids)}
     run_id = _run_id()
     record_predictions(lake, iteration, record, predictions, run_id)
+    shear = _shear_predictions(lake, iteration, [c for c in todo if needs_shear(c)], run_id)
     known = dedup_references(lake, ids, sorted({r["reduced_formula"] for r in rows.values()}), iteration)
-    decided = gnn_verdicts(todo, rows, predictions, known, tolerance, record.model_id)
+    decided = gnn_verdicts(todo, rows, predictions, known, tolerance, record.model_id, shear[1] if shear else None)
     advance(lake, [update for update, _ in decided], stage="gnn", run_id=run_id)
     tally = Counter(outcome for _, outcome in decided)
     counts.update(tally)
     counts["rejected"] = len(decided) - tally["passed"]
     logger.info("iteration %d stage I: %s", iteration, counts)
     return counts
+
+
+def needs_shear(candidate: dict[str, Any]) -> bool:
+    """Whether a candidate's design has a condition on G (``g_vrh`` or ``g_vrh/k_vrh``)."""
+    return bool(candidate.get("design")) and design_of(candidate).asks_for_g
+
+
+def _shear_predictions(
+    lake: Lake, iteration: int, candidates: list[dict[str, Any]], run_id: str | None
+) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """The shear predictor's id and G per structure of these candidates (recorded like K), where a shear predictor
+    is registered; None (the G conditions stay unknown at stage I) where none is or no candidate needs one."""
+    from storage.registry import SHEAR_PREDICTOR_KIND, ModelNotFoundError, resolve_model
+    from tasks.predict import predict
+
+    if not candidates:
+        return None
+    try:
+        record = resolve_model(lake, SHEAR_PREDICTOR_KIND)
+    except ModelNotFoundError:
+        run_logger().info("no shear predictor registered: the designs' G conditions wait for stage II")
+        return None
+    ids = sorted({c["structure_id"] for c in candidates})
+    shear = {
+        p["structure_id"]: p for p in in_lake(predict, lake.url)(lake.url, record.model_id, ids, SHEAR_PREDICTOR_KIND)
+    }
+    record_predictions(lake, iteration, record, shear, run_id)
+    return record.model_id, shear
 
 
 def needs_hull(candidates: list[dict[str, Any]]) -> bool:

@@ -22,12 +22,16 @@ from core.generator.configs import PresetName as GeneratorPreset
 from flows.locking import stage_lock
 from storage import Lake
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
-from storage.registry import GENERATOR_KIND, PREDICTOR_KIND, ModelKind
+from storage.registry import GENERATOR_KIND, PREDICTOR_KIND, SHEAR_PREDICTOR_KIND, ModelKind
 from tasks.common import in_lake
 from tasks.train import train_model, training_data
 
-What = Literal["predictor", "generator"]
-KINDS: dict[str, ModelKind] = {"predictor": PREDICTOR_KIND, "generator": GENERATOR_KIND}
+What = Literal["predictor", "shear_predictor", "generator"]
+KINDS: dict[str, ModelKind] = {
+    "predictor": PREDICTOR_KIND,
+    "shear_predictor": SHEAR_PREDICTOR_KIND,
+    "generator": GENERATOR_KIND,
+}
 """A form's model names -> the registry's kinds."""
 
 
@@ -52,7 +56,8 @@ class TrainParams(TrainSettings):
     lake_url: str = ""
     """Lake root, a path or an fsspec URL; empty: $MATLOOP_LAKE, else ./lake."""
     what: list[What] = ["predictor"]
-    """Models to train: "predictor" (CGCNN ensemble), "generator" (the conditional generator)."""
+    """Models to train: "predictor" (CGCNN ensemble on K), "shear_predictor" (the same config on G, stage I's
+    predictor for a design's G and G/K conditions), "generator" (the conditional generator)."""
     predictor_config: CGCNNConfigName = "default"
     """Named CGCNN config (core.cgcnn.PRESETS): default, small."""
     generator_config: GeneratorPreset = "small"
@@ -61,6 +66,8 @@ class TrainParams(TrainSettings):
     """Fine-tune this registered CGCNN ensemble (warm start) instead of training from scratch."""
     parent_generator: str | None = None
     """Fine-tune this registered generator (warm start) instead of training from scratch."""
+    parent_shear_predictor: str | None = None
+    """Fine-tune this registered shear (G) predictor (warm start) instead of training from scratch."""
     labels_before: int | None = None
     """Train on loop labels of iterations before this one only; the loop sets its iteration, so a resumed
     iteration trains on the data it started with. None: every label in the lake."""
@@ -94,8 +101,9 @@ def metrics_table(model_id: str, metrics: dict[str, Any]) -> list[dict[str, Any]
 def _config(params: TrainParams, kind: ModelKind) -> dict[str, Any]:
     """The named config of ``kind`` with the form's overrides and training seed applied."""
     seed = {} if params.model_seed is None else {"seed": params.model_seed}
-    if kind == PREDICTOR_KIND:
-        config = PREDICTOR_PRESETS.resolve(params.predictor_config, {**params.predictor_overrides, **seed})
+    if kind in (PREDICTOR_KIND, SHEAR_PREDICTOR_KIND):
+        target = {"target": "g_vrh"} if kind == SHEAR_PREDICTOR_KIND else {}
+        config = PREDICTOR_PRESETS.resolve(params.predictor_config, {**params.predictor_overrides, **seed, **target})
     else:
         config = GENERATOR_PRESETS.resolve(params.generator_config, seed)
     return config.model_dump(mode="json")
@@ -103,7 +111,7 @@ def _config(params: TrainParams, kind: ModelKind) -> dict[str, Any]:
 
 @flow(name="train", log_prints=True)
 def train(params: TrainParams | None = None) -> dict[str, str]:
-    """Train the requested models; returns ``{"predictor": model_id, "generator": model_id}`` for those asked.
+    """Train the requested models; returns ``{"predictor": model_id, ...}`` for those asked (``What`` names).
 
     Args:
         params: Which models to train, their named configs, and whether to fine-tune registered ones.
@@ -122,18 +130,23 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
                 kind,
                 _config(params, kind),
                 data.data_hash,
-                params.parent_predictor if kind == PREDICTOR_KIND else params.parent_generator,
+                {
+                    PREDICTOR_KIND: params.parent_predictor,
+                    SHEAR_PREDICTOR_KIND: params.parent_shear_predictor,
+                    GENERATOR_KIND: params.parent_generator,
+                }[kind],
                 params.new_label_weight,
                 params.feedback,
                 params.labels_before,
             )
             trained[what] = result["model_id"]
-            if kind == PREDICTOR_KIND:
+            if kind in (PREDICTOR_KIND, SHEAR_PREDICTOR_KIND):
                 parity = result["figures"].get("parity", f"figures/parity-{result['model_id']}.png")
                 create_table_artifact(
                     table=metrics_table(result["model_id"], result["metrics"]),
-                    key="predictor-metrics",
-                    description=f"CGCNN {result['model_id']}: MAE of log10 K_vrh and in GPa. "
+                    key=f"{what.replace('_', '-')}-metrics",
+                    description=f"CGCNN {result['model_id']}: MAE of log10 {_config(params, kind)['target']} and in "
+                    "GPa. "
                     f"Parity plot: {lake.url}/{parity}",
                 )
         return trained

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 def record_predictions(
     lake: Lake, iteration: int, record: ModelRecord, predictions: Mapping[str, Mapping[str, Any]], run_id: Any
 ) -> None:
-    """Stage I: one CGCNN prediction row per structure (``predictions`` as ``tasks.predict.predict_k`` returns)."""
+    """Stage I: one CGCNN prediction row per structure (``predictions`` as ``tasks.predict.predict`` returns)."""
     origin = Origin(
         method=f"cgcnn@{record.model_id}",
         model_id=record.model_id,
@@ -51,7 +51,9 @@ def record_predictions(
         iteration=iteration,
     )
     rows = [
-        prediction_row(sid, origin, p["k_vrh"], p["k_vrh_std"], PredictionPayload.model_validate(p))
+        prediction_row(
+            sid, origin, p["property"], p[p["property"]], p[f"{p['property']}_std"], PredictionPayload.model_validate(p)
+        )
         for sid, p in predictions.items()
     ]
     lake.append_new("properties", rows, run_id=run_id)

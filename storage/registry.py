@@ -21,8 +21,10 @@ from core.settings import get_settings
 from storage.lake import Lake
 
 PREDICTOR_KIND = "cgcnn"
+SHEAR_PREDICTOR_KIND = "cgcnn-g"
+"""A CGCNN ensemble on G_vrh: stage I's predictor for a design's G and G/K conditions."""
 GENERATOR_KIND = "generator"
-ModelKind = Literal["cgcnn", "generator"]
+ModelKind = Literal["cgcnn", "cgcnn-g", "generator"]
 """The kinds of model the platform trains (``models.kind``)."""
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._+-]+$")

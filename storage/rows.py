@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from core.costs import Cost
 from core.elastic import ElasticResult
@@ -235,20 +235,19 @@ def fam_rows(
 
 
 class PredictionPayload(BaseModel):
-    """``value_json`` of a CGCNN ``k_vrh`` prediction: the ensemble in log10 space and each member's K."""
+    """``value_json`` of a CGCNN prediction (``k_vrh``, or ``g_vrh`` from the shear predictor): the ensemble in
+    log10 space and each member's value in GPa."""
 
-    log10_k: float
-    log10_k_std: float
+    log10: float = Field(validation_alias=AliasChoices("log10", "log10_k"))
+    log10_std: float = Field(validation_alias=AliasChoices("log10_std", "log10_k_std"))
     members_gpa: list[float]
 
 
 def prediction_row(
-    structure_id: str, origin: Origin, k_vrh: float, k_vrh_std: float, payload: PredictionPayload
+    structure_id: str, origin: Origin, name: str, value: float, std: float, payload: PredictionPayload
 ) -> dict[str, Any]:
-    """A predicted K_vrh (GPa) with the ensemble spread as its uncertainty."""
-    return scalar_row(
-        structure_id, origin, "k_vrh", k_vrh, "GPa", uncertainty=k_vrh_std, value_json=payload.model_dump_json()
-    )
+    """A predicted modulus ``name`` (GPa) with the ensemble spread as its uncertainty."""
+    return scalar_row(structure_id, origin, name, value, "GPa", uncertainty=std, value_json=payload.model_dump_json())
 
 
 JobState = Literal["running", "completed", "retrying", "failed"]

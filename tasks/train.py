@@ -38,6 +38,7 @@ from storage.records import record_work
 from storage.registry import (
     GENERATOR_KIND,
     PREDICTOR_KIND,
+    SHEAR_PREDICTOR_KIND,
     ModelKind,
     checkpoint_path,
     register_model,
@@ -73,6 +74,10 @@ class TrainingData:
             out["train" if r["from_loop"] else r["split"]].append(r)
         return out
 
+    def labeled(self, name: str) -> TrainingData:
+        """The rows with a positive ``name`` label (every row has K; G only where the label's method gave one)."""
+        return TrainingData([r for r in self.rows if (r.get(name) or 0) > 0], self.new_label_weight)
+
     @property
     def train_weights(self) -> np.ndarray:
         """How often each train row is drawn relative to a seed row."""
@@ -105,19 +110,23 @@ class Fitted:
 
 
 def _fit_predictor(lake: Lake, data: TrainingData, config: dict[str, Any], parent_model_id: str | None) -> Fitted:
-    """A CGCNN ensemble on log10 K (train split to fit, val to stop early), evaluated on val and test."""
+    """A CGCNN ensemble on log10 of its target modulus (train split to fit, val to stop early), evaluated on val
+    and test: K_vrh, or G_vrh on the rows that have it (the shear predictor)."""
     logger = run_logger()
     cfg = CGCNNConfig.model_validate(config)
+    data = data.labeled(cfg.target)
     by_split = data.by_split
     for split in ("train", "val"):
         if len(by_split[split]) < 2:
             raise ValueError(f"need at least 2 labeled {split} structures, have {len(by_split[split])}")
-    logger.info("training %d-member CGCNN on %s", cfg.n_models, {s: len(v) for s, v in by_split.items()})
+    logger.info(
+        "training %d-member CGCNN on %s for %s", cfg.n_models, {s: len(v) for s, v in by_split.items()}, cfg.target
+    )
     cache = GraphCache(cfg.graph, Path(get_settings().cache_dir).expanduser() / "graphs")
-    graphs = {s: (cache.graphs(rows), np.log10([r["k_vrh"] for r in rows])) for s, rows in by_split.items()}
+    graphs = {s: (cache.graphs(rows), np.log10([r[cfg.target] for r in rows])) for s, rows in by_split.items()}
     cache.save()
     parent = (
-        Ensemble.load(checkpoint_path(lake, resolve_model(lake, PREDICTOR_KIND, parent_model_id)))
+        Ensemble.load(checkpoint_path(lake, resolve_model(lake, predictor_kind(cfg.target), parent_model_id)))
         if parent_model_id
         else None
     )
@@ -140,6 +149,7 @@ def _fit_predictor(lake: Lake, data: TrainingData, config: dict[str, Any], paren
             pred.k_vrh_std,
             tmp / "parity.png",
             f"{model_id}\n{plot_split}: MAE log10 {summary['mae_log10']:.3f}, {summary['mae_gpa']:.1f} GPa",
+            cfg.target[0].upper() + cfg.target[1:],  # K_vrh, G_vrh
         )
         logger.info("%s: %s MAE log10 %.4f", model_id, plot_split, summary["mae_log10"])
         return {"parity": lake.put_file(png, "figures", f"parity-{model_id}.png")}
@@ -172,6 +182,7 @@ def _fit_generator(lake: Lake, data: TrainingData, config: dict[str, Any], paren
 
 FITTERS: dict[str, tuple[str, Callable[[Lake, TrainingData, dict[str, Any], str | None], Fitted]]] = {
     PREDICTOR_KIND: ("core.cgcnn", _fit_predictor),
+    SHEAR_PREDICTOR_KIND: ("core.cgcnn", _fit_predictor),
     GENERATOR_KIND: ("core.generator", _fit_generator),
 }
 """Model kind -> (the package its code lives in, the function that fits it); add a model kind here."""
@@ -255,7 +266,12 @@ def train_model(
     return {"model_id": record.model_id, "metrics": fitted.metrics, "figures": figures}
 
 
-def load_predictor(lake: Lake, model_id: str | None = None) -> tuple[str, Ensemble]:
-    """The registered CGCNN ensemble ``model_id`` (latest when None), loaded from its checkpoint."""
-    record = resolve_model(lake, PREDICTOR_KIND, model_id)
+def predictor_kind(target: str) -> ModelKind:
+    """The model kind of a CGCNN ensemble on ``target`` (K_vrh: the predictor; G_vrh: the shear predictor)."""
+    return SHEAR_PREDICTOR_KIND if target == "g_vrh" else PREDICTOR_KIND
+
+
+def load_predictor(lake: Lake, model_id: str | None = None, kind: ModelKind = PREDICTOR_KIND) -> tuple[str, Ensemble]:
+    """The registered CGCNN ensemble of ``kind`` ``model_id`` (latest when None), loaded from its checkpoint."""
+    record = resolve_model(lake, kind, model_id)
     return record.model_id, Ensemble.load(checkpoint_path(lake, record))

@@ -247,3 +247,18 @@ def test_model_source_hash_covers_subpackages_and_what_they_import(tmp_path):
         path.write_text(path.read_text() + "# edited\n")
         assert digest() != before
         before = digest()
+
+
+def test_the_shear_predictor_trains_on_the_g_labels_and_is_not_a_k_predictor(seeded_lake, prefect_server):
+    from core.cgcnn import PRESETS, CheckpointError, Ensemble
+    from storage.registry import SHEAR_PREDICTOR_KIND, checkpoint_path
+
+    trained = train(TrainParams(lake_url=seeded_lake.url, what=["shear_predictor"], predictor_config="small"))
+    record = latest_model(seeded_lake, SHEAR_PREDICTOR_KIND)
+    assert trained == {"shear_predictor": record.model_id} and record.config["target"] == "g_vrh"
+    with_g = [r for r in training_data(seeded_lake.url).by_split["train"] if (r["g_vrh"] or 0) > 0]
+    assert record.metrics["n_train"] == len(with_g)
+    ensemble = Ensemble.load(checkpoint_path(seeded_lake, record))
+    assert ensemble.predict_rows(with_g[:3]).target == "g_vrh"
+    with pytest.raises(CheckpointError, match="target: checkpoint g_vrh vs expected k_vrh"):
+        Ensemble.load(checkpoint_path(seeded_lake, record), expected=PRESETS.resolve("small"))

@@ -26,13 +26,13 @@ from storage.registry import (
 torch.set_num_threads(1)
 
 
-def _constant_model(tmp_path: Path, k_gpa: float) -> Path:
+def _constant_model(tmp_path: Path, k_gpa: float, target: str = "k_vrh") -> Path:
     """A small ensemble whose every prediction is k_gpa (to within 0.1 %): a fixed point for verdict tests."""
-    ensemble = Ensemble.untrained(PRESETS.resolve("small", {"device": "cpu"}))
+    ensemble = Ensemble.untrained(PRESETS.resolve("small", {"device": "cpu", "target": target}))
     for member in ensemble.members:
         member.target_mean.fill_(float(np.log10(k_gpa)))
         member.target_std.fill_(1e-4)
-    return ensemble.save(tmp_path / "constant.pt")
+    return ensemble.save(tmp_path / f"constant-{target}.pt")
 
 
 def _register(lake, tmp_path: Path, k_gpa: float = 100.0, data: tuple[str, ...] = ("ml-a", "ml-b")) -> str:
@@ -200,3 +200,56 @@ def test_predict_cli_files_sql_and_json(lake, tmp_path: Path, monkeypatch) -> No
     assert out.exit_code != 0 and "must return structure columns" in out.output
     out = runner.invoke(app, [*args, "--model", "cgcnn-missing", str(cif)])
     assert out.exit_code == 2 and "no model 'cgcnn-missing'" in out.output
+
+
+def test_stage_one_checks_a_designs_g_conditions_with_the_shear_predictor(lake, tmp_path: Path, prefect_server) -> None:
+    """With a shear predictor registered, stage I predicts G for candidates whose design asks for G, records it
+    as a ``g_vrh`` prediction row, and decides the G/K condition; K-only candidates get no G prediction."""
+    from flows.screen import screen_gnn
+    from storage.candidates import current
+
+    _register(lake, tmp_path, k_gpa=350.0)
+    shear_id = register_model(
+        lake,
+        kind="cgcnn-g",
+        checkpoint=_constant_model(tmp_path, 300.0, target="g_vrh"),
+        data_snapshot=["ml-a", "ml-b"],
+        data_hash="hg",
+        config=PRESETS.resolve("small", {"target": "g_vrh"}),
+        metrics={},
+    ).model_id
+    cells = [_structure(Lattice.cubic(a), ["Ni", "Al"], [[0, 0, 0], [0.5, 0.5, 0.5]]) for a in (2.8, 3.2)]
+    rows = [to_row(c) for c in cells]
+    lake.append("structures", [{**r, "source": "generated", "split": split_of(r["structure_id"])} for r in rows])
+    design = "k_vrh in [330, 370] and g_vrh/k_vrh <= 0.57"
+    lake.append(
+        "candidates",
+        [
+            {
+                "iteration": 0,
+                "structure_id": rows[0]["structure_id"],
+                "target": 350.0,
+                "status": "generated",
+                "stage": "generate",
+                "design": design,
+            },
+            {
+                "iteration": 0,
+                "structure_id": rows[1]["structure_id"],
+                "target": 350.0,
+                "status": "generated",
+                "stage": "generate",
+            },
+        ],
+    )
+    screen_gnn(lake.url, 0)
+    by_id = {c["structure_id"]: c for c in current(lake, 0)}
+    designed = by_id[rows[0]["structure_id"]]
+    checks = json.loads(designed["conditions_json"])["gnn"]
+    assert checks["g_vrh/k_vrh <= 0.57"]["verdict"] == "fail"  # 300 / 350 = 0.86 > 0.57 x 1.3
+    assert checks["g_vrh/k_vrh <= 0.57"]["value"] == pytest.approx(300 / 350, rel=1e-2)
+    assert designed["status"] == "rejected" and "g_vrh/k_vrh <= 0.57" in designed["gnn_reason"]
+    assert by_id[rows[1]["structure_id"]]["status"] == "gnn_pass"
+    g_rows = lake.query("SELECT * FROM properties WHERE name = 'g_vrh'").to_pylist()
+    assert [(r["structure_id"], r["method"]) for r in g_rows] == [(rows[0]["structure_id"], f"cgcnn@{shear_id}")]
+    assert g_rows[0]["value"] == pytest.approx(300.0, rel=1e-2) and g_rows[0]["uncertainty"] is not None

@@ -196,3 +196,14 @@ def test_e_above_hull_is_the_distance_to_the_hull_of_the_references():
     assert chemical_system("Al3Ni") == ("Al", "Ni")
     cells = element_prototypes("Mo")
     assert sorted(cells) == ["bcc", "fcc", "hcp"] and [len(cells[k]) for k in ("bcc", "fcc", "hcp")] == [1, 1, 2]
+
+
+def test_the_loop_trains_the_shear_predictor_only_for_a_design_that_asks_for_g(lake):
+    from flows.active_learning import LoopParams, _stage_params
+
+    def what(design: str) -> list[str]:
+        return _stage_params(LoopParams(lake_url=lake.url, design=design, size="demo"), lake, 0)["train"].what
+
+    assert what(DUCTILE) == ["predictor", "shear_predictor", "generator"]
+    assert what("k_vrh in [330, 370] and born_stable") == ["predictor", "generator"]
+    assert what("") == ["predictor", "generator"]
