@@ -70,21 +70,26 @@ FUNNEL_TARGETS = (200.0, 350.0)
 GNN_TOLERANCE, FAM_TOLERANCE = 0.30, 0.20
 
 
-def reference_data(
+def reference_moduli(
     shared: Path, max_sites: int, with_2015: bool = True
-) -> dict[str, tuple[list[Structure], list[float]]]:
-    """Metallic structures with K > 0 and at most ``max_sites`` sites from the reference files, by split."""
-    records: list[tuple[dict, float]] = []
+) -> dict[str, tuple[list[Structure], list[float], list[float | None]]]:
+    """Metallic structures with K > 0 and at most ``max_sites`` sites from the reference files, by split, with
+    K and G (None where a record has no positive G)."""
+    records: list[tuple[dict, float, float | None]] = []
     with gzip.open(shared / "mp-binary-elasticity-2025.1-train.json.gz") as fh:
-        records += [(r["structure"], r["bulk_modulus_vrh"]) for r in json.load(fh)]
+        records += [(r["structure"], r["bulk_modulus_vrh"], r.get("shear_modulus_vrh")) for r in json.load(fh)]
     if with_2015:
         with gzip.open(shared / "elastic_tensor_2015.json.gz") as fh:
             table = json.load(fh)
         cols = table["columns"]
-        records += [(row[cols.index("structure")], row[cols.index("K_VRH")]) for row in table["data"]]
-    out: dict[str, tuple[list[Structure], list[float]]] = {s: ([], []) for s in ("train", "val", "test")}
+        records += [
+            (row[cols.index("structure")], row[cols.index("K_VRH")], row[cols.index("G_VRH")]) for row in table["data"]
+        ]
+    out: dict[str, tuple[list[Structure], list[float], list[float | None]]] = {
+        s: ([], [], []) for s in ("train", "val", "test")
+    }
     seen: set[str] = set()
-    for d, k in records:
+    for d, k, g in records:
         s = Structure.from_dict(d)
         if not k or k <= 0 or len(s) > max_sites or excluded_reason([e.symbol for e in s.composition.elements]):
             continue
@@ -92,9 +97,18 @@ def reference_data(
         if sid in seen:
             continue
         seen.add(sid)
-        out[split_of(sid)][0].append(s)
-        out[split_of(sid)][1].append(float(k))
+        split = out[split_of(sid)]
+        split[0].append(s)
+        split[1].append(float(k))
+        split[2].append(float(g) if g and g > 0 else None)
     return out
+
+
+def reference_data(
+    shared: Path, max_sites: int, with_2015: bool = True
+) -> dict[str, tuple[list[Structure], list[float]]]:
+    """``reference_moduli`` with K alone."""
+    return {split: (s, k) for split, (s, k, _) in reference_moduli(shared, max_sites, with_2015).items()}
 
 
 class Grader:
@@ -133,20 +147,28 @@ class Grader:
         }
 
 
-def grader_ensemble(path: Path | None, out: Path, data: dict[str, tuple[list[Structure], list[float]]]) -> Ensemble:
-    """The CGCNN grader from ``path``, else from ``<out>/cgcnn-grader.pt``, else trained on the train split there."""
-    cached = out / "cgcnn-grader.pt"
+def grader_ensemble(
+    path: Path | None,
+    out: Path,
+    data: dict[str, tuple[list[Structure], list[float]]],
+    name: str = "cgcnn-grader.pt",
+    target: str = "k_vrh",
+) -> Ensemble:
+    """The CGCNN grader from ``path``, else from ``<out>/<name>``, else trained there on the train split's labels
+    (``data`` maps split -> structures and their ``target`` modulus; a None label is left out)."""
+    cached = out / name
     if path or cached.exists():
         return Ensemble.load(path or cached)
-    config = CGCNN_PRESETS.resolve("default")
+    config = CGCNN_PRESETS.resolve("default", {"target": target})
 
     def graphs(split: str) -> tuple[list, np.ndarray]:
-        structures, k = data[split]
-        return [graph_of_row(to_row(s), config.graph) for s in structures], np.log10(k)
+        pairs = [(s, v) for s, v in zip(*data[split], strict=True) if v]
+        return [graph_of_row(to_row(s), config.graph) for s, _ in pairs], np.log10([v for _, v in pairs])
 
     t0 = time.perf_counter()
     ensemble = train_ensemble(graphs("train"), graphs("val"), config, log=print)
-    print(f"trained the CGCNN grader in {time.perf_counter() - t0:.0f} s -> {cached}")
+    print(f"trained the {target} CGCNN grader in {time.perf_counter() - t0:.0f} s -> {cached}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
     ensemble.save(cached)
     return ensemble
 

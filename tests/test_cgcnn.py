@@ -171,3 +171,14 @@ def test_train_flow_registers_caches_and_plots(
 
     assert train(params)["predictor"] == model_id  # cached: same data, config and code
     assert lake.query("SELECT count(*) AS n FROM models_history").to_pylist()[0]["n"] == 1
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["--lake", lake.url, "train", "predictor", "--config", "small", "--set", "max_epochs=3", "--shear", "--json"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    shear = get_model(lake, json.loads(out.output)["model_id"])
+    assert shear.kind == "cgcnn-g" and shear.config["target"] == "g_vrh"
+    assert 0 < shear.metrics["n_train"] <= record.metrics["n_train"]

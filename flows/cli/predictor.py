@@ -40,6 +40,9 @@ def train_predictor_cmd(
         list[str] | None,
         typer.Option("--set", help="Config override key=value (value parsed as JSON), e.g. --set n_models=2."),
     ] = None,
+    shear: Annotated[
+        bool, typer.Option("--shear", help="Train the shear predictor (G_vrh: stage I's G for a design) instead of K.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Train the CGCNN ensemble on the lake's labeled data (cached: unchanged data and code return the same model)."""
@@ -51,16 +54,18 @@ def train_predictor_cmd(
     if config not in PRESETS:
         raise typer.BadParameter(f"unknown config {config!r}; choose from {', '.join(PRESETS)}", param_hint="--config")
     lake = Lake()
+    what = "shear_predictor" if shear else "predictor"
     params = TrainParams(
-        lake_url=lake.url, what=["predictor"], predictor_config=config, predictor_overrides=_parse_overrides(set_ or [])
+        lake_url=lake.url, what=[what], predictor_config=config, predictor_overrides=_parse_overrides(set_ or [])
     )
-    model_id = train(params)["predictor"]
+    model_id = train(params)[what]
     metrics = get_model(lake, model_id).metrics
     if as_json:
         typer.echo(json.dumps({"model_id": model_id, "metrics": metrics}, indent=2))
         return
     table = new_table(title=f"CGCNN {model_id}")
-    for col in ("split", "model", "n", "MAE log10 K", "MAE K (GPa)"):
+    modulus = "G" if shear else "K"
+    for col in ("split", "model", "n", f"MAE log10 {modulus}", f"MAE {modulus} (GPa)"):
         table.add_column(col)
     for r in metrics_table(model_id, metrics):
         table.add_row(r["split"], r["model"], str(r["n"]), f"{r['mae_log10']:.4f}", f"{r['mae_gpa']:.1f}")
