@@ -143,6 +143,7 @@ def test_a_k_and_g_generator_learns_the_lakes_g_labels_and_a_design_asks_it_for_
     assert {c["design"] for c in current(seeded_lake, 0)} == {design}
 
 
+@pytest.mark.slow
 def test_a_k_only_generator_is_asked_for_k_alone_by_a_design_with_a_g_window(registered, prefect_server):
     lake, _ = registered
     generate(
@@ -154,6 +155,7 @@ def test_a_k_only_generator_is_asked_for_k_alone_by_a_design_with_a_g_window(reg
     assert row["target"] == 150.0 and row["conditions_json"] is None and row["mape_head_g_raw"] is None
 
 
+@pytest.mark.slow
 def test_train_generator_registers_and_is_cached(seeded_lake, prefect_server):
     params = TrainParams(lake_url=seeded_lake.url, what=["generator"])
     model_id = train(params)["generator"]
@@ -249,6 +251,7 @@ def test_model_source_hash_covers_subpackages_and_what_they_import(tmp_path):
         before = digest()
 
 
+@pytest.mark.slow
 def test_the_shear_predictor_trains_on_the_g_labels_and_is_not_a_k_predictor(seeded_lake, prefect_server):
     from core.cgcnn import PRESETS, CheckpointError, Ensemble
     from storage.registry import SHEAR_PREDICTOR_KIND, checkpoint_path

@@ -202,6 +202,7 @@ def test_predict_cli_files_sql_and_json(lake, tmp_path: Path, monkeypatch) -> No
     assert out.exit_code == 2 and "no model 'cgcnn-missing'" in out.output
 
 
+@pytest.mark.slow
 def test_stage_one_checks_a_designs_g_conditions_with_the_shear_predictor(lake, tmp_path: Path, prefect_server) -> None:
     """With a shear predictor registered, stage I predicts G for candidates whose design asks for G, records it
     as a ``g_vrh`` prediction row, and decides the G/K condition; K-only candidates get no G prediction."""
