@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +83,27 @@ def retry_transient(task: Any, task_run: Any, state: State) -> bool:
     return False
 
 
+def _in_dask_worker() -> bool:
+    """Whether this runs on a Dask worker (the ``dask`` and ``slurm`` runners), which may run a task again."""
+    if "distributed" not in sys.modules:
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def may_have_history(task_run_id: Any, run_count: int) -> bool:
+    """Whether ``jobs`` can hold earlier attempts of this job, so that they must be read: a Prefect retry (run count
+    above 1), a task on a Dask worker (Dask runs it again, same task run, after its worker is lost), or a job outside
+    a task run (its id is not one run's). The first attempt of a task run on threads has none: reading the table
+    would cost a scan of every ``jobs`` file per calculation for nothing."""
+    return task_run_id is None or run_count > 1 or _in_dask_worker()
+
+
 def _attempt_history(lake: Lake, job_id: str, run_count: int, max_attempts: int) -> tuple[int, list[FailureClass]]:
     """The number of the attempt about to start, and the failure classes of the job's earlier attempts in order.
 
@@ -117,8 +139,14 @@ def _run_job(
     """One attempt of a job: escalate from the earlier attempts, run, record the attempt in ``jobs``."""
     lake = Lake(lake_url)
     logger = get_run_logger()
-    job_id = str(runtime_task_run.get_id() or f"{structure_id}/{calculation}/{base.full_hash()}")
-    attempt, earlier = _attempt_history(lake, job_id, max(int(runtime_task_run.get_run_count() or 1), 1), max_attempts)
+    task_run_id = runtime_task_run.get_id()
+    job_id = str(task_run_id or f"{structure_id}/{calculation}/{base.full_hash()}")
+    run_count = max(int(runtime_task_run.get_run_count() or 1), 1)
+    attempt, earlier = (
+        _attempt_history(lake, job_id, run_count, max_attempts)
+        if may_have_history(task_run_id, run_count)
+        else (run_count, [])
+    )
     if attempt > max_attempts:  # Dask ran the task again after its last attempt was lost: nothing left to spend
         raise DftFailure(earlier[-1] if earlier else FailureClass.NODE_LOST, f"all {max_attempts} attempts used")
     settings, steps = escalate(base, earlier, scope)

@@ -20,7 +20,7 @@ from storage import Lake
 from storage.candidates import advance, current, n_open
 from storage.queries import labeled_k_vrh
 from storage.rows import ElasticPayload
-from tasks.dft import dft_point, dft_relax
+from tasks.dft import dft_point, dft_relax, may_have_history
 
 EMT_CELLS = {"Cu": 3.61, "Ni": 3.52, "Pd": 3.89, "Al": 4.05}
 REPO = Path(__file__).resolve().parent.parent
@@ -170,6 +170,17 @@ def test_dft_jobs_lease_no_prefect_concurrency_slot():
     (`test` preset, 12 jobs of about 0.9 s), the leases took 4-6 s of a 19 s label run. DFT concurrency is the
     runner's ``workers`` and the SLURM job limit instead."""
     assert dft_relax.tags == set() and dft_point.tags == set()
+
+
+def test_a_first_attempt_on_threads_skips_the_jobs_scan_and_every_other_attempt_reads_it():
+    """Earlier attempts can exist only for a retry, a task Dask may have run before, or a job outside a task run;
+    only then is ``jobs`` read (a scan of every ``jobs`` file: half of the platform's time per DFT calculation)."""
+    import distributed
+
+    assert not may_have_history("run-1", 1)
+    assert may_have_history("run-1", 2) and may_have_history(None, 1)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        assert client.submit(may_have_history, "run-1", 1).result()  # on a Dask worker: the task may be a rerun
 
 
 @pytest.mark.dft
