@@ -149,6 +149,7 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
                     "head_mape_kept": round(stats["mape_head_kept"], 3),
                     "head_mape_all": round(stats["mape_head_raw"], 3),
                     "grader_mape_all": round(stats["mape_grader_raw"], 3) if "mape_grader_raw" in stats else None,
+                    "head_g_mape_kept": round(stats["mape_head_g_kept"], 3) if "mape_head_g_kept" in stats else None,
                     "note": "",
                 }
             )
@@ -158,7 +159,7 @@ def generate(params: GenerateParams | None = None) -> dict[str, Any]:
             description=(
                 f"Generated candidates, iteration {params.iteration}, generator {model_id}: samples drawn, kept "
                 f"(valid, distinct, closest by property head), validity of all samples, and the property head's "
-                f"MAPE to the target (kept / all samples)."
+                f"MAPE to the target (kept / all samples; G: to the G a design asked for, kept)."
             ),
         )
         return {"model_id": model_id, "iteration": params.iteration, "targets": summary}

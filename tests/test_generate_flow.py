@@ -135,7 +135,8 @@ def test_a_k_and_g_generator_learns_the_lakes_g_labels_and_a_design_asks_it_for_
         metrics=fitted.metrics,
     )
     design = "k_vrh in [100, 200] and g_vrh/k_vrh in [0.3, 0.5]"
-    generate(GenerateParams(lake_url=seeded_lake.url, design=design, samples_per_kept=4, n_kept=3))
+    result = generate(GenerateParams(lake_url=seeded_lake.url, design=design, samples_per_kept=4, n_kept=3))
+    assert result["targets"][0]["head_g_mape_kept"] is not None
     row = seeded_lake.query("SELECT * FROM generations").to_pylist()[0]
     assert row["generator_model_id"] == record.model_id and row["target"] == 150.0
     assert json.loads(row["conditions_json"]) == {"k_vrh": 150.0, "g_vrh": 60.0}
