@@ -3,7 +3,9 @@
 Runs the loop on the embedded default (a fresh lake seeded with the committed seed set, the ``demo`` size: small
 models, 12 kept per target, SevenNet-0 stage II, GPAW ``test`` labels for at most ``--label-limit`` survivors, the
 demo's loose screening tolerances) with the design ``--design`` (default ``k_vrh in [330, 370] and
-g_vrh/k_vrh <= 0.57``), then prints
+g_vrh/k_vrh <= 0.57``; the loop trains the shear predictor for its G/K condition, so stage I checks it too; with
+``--generator small-kg`` and a two-sided G or G/K window the generator is asked for G as well; both need DFT or
+dataset G labels, which the seed set's SevenNet-0 G is not: ``--ingest`` a file that has them), then prints
 
 - per condition, the funnel the lake records (``condition_funnel``: met / checked at stage I, stage II, the label);
 - the fraction of *all* kept candidates that meet each condition and all of them, graded independently by the FAM
@@ -43,22 +45,35 @@ def main() -> None:
     parser.add_argument("--lake", type=Path, default=Path("/tmp/matloop-bench/design-lake"))
     parser.add_argument("--label-limit", type=int, default=1)
     parser.add_argument("--fam", default="auto", help="the FAM of stage II and of the independent grade")
+    parser.add_argument(
+        "--generator", default="size", help="generator preset (small-kg: conditioned on a two-sided G/K window too)"
+    )
+    parser.add_argument(
+        "--ingest",
+        action="append",
+        default=[],
+        help="also ingest this file (e.g. ../shared/data's MP file: DFT G labels, which the seed set's FAM G is not)",
+    )
     args = parser.parse_args()
     design = parse_design(args.design)
     shutil.rmtree(args.lake, ignore_errors=True)
     lake = Lake(args.lake)
     t0 = time.perf_counter()
-    ingest(lake, "seed")
+    for source in ["seed", *args.ingest]:
+        ingest(lake, source)
     params = LoopParams(
         lake_url=lake.url,
         design=design.text,
         size="demo",
+        generator_config=args.generator,
         screen={"gnn_tolerance": 0.5, "fam_tolerance": 0.5, "fam_model": args.fam},
         label={"limit": args.label_limit},
     )
     active_learning(params)
     loop_s = time.perf_counter() - t0
-    print(f"\ndesign: {design.text} (generator conditioned on K = {design.generator_k:g} GPa); loop {loop_s:.0f} s")
+    asked = lake.query("SELECT conditions_json FROM generations WHERE iteration = 0").column(0).to_pylist()
+    fed = asked[0] if asked and asked[0] else f'{{"k_vrh": {design.generator_k:g}}}'
+    print(f"\ndesign: {design.text} (the generator was asked for {fed}); loop {loop_s:.0f} s")
     print(f"\n{'condition':32s} {'candidates':>10s} {'stage I':>9s} {'stage II':>9s} {'label':>7s}  (met/checked)")
     for r in lake.query("SELECT * FROM condition_funnel WHERE iteration = 0").to_pylist():
         print(

@@ -27,12 +27,18 @@ LABEL_METHODS_SQL = (
 """K_vrh labels fit for training: reference datasets, our DFT, the FAM-labeled seed set, and FAM loop labels."""
 
 
+SHEAR_LABEL_METHODS_SQL = "(method LIKE 'dft:%' OR method LIKE 'dataset:%')"
+"""G_vrh labels fit for training: DFT and reference datasets only. The offline FAMs' shear is too soft to learn
+from (SevenNet-0: G MAE 21.8 GPa, mean signed error -21.6 GPa against DFT; README), so a FAM's G, the seed set's
+included, never trains the shear predictor or a generator conditioned on G."""
+
+
 def labeled_k_vrh(lake: Lake, split: str | None = None, labels_before: int | None = None) -> pa.Table:
     """Structures with a training-grade K_vrh label: structure columns plus ``k_vrh``, ``g_vrh``, ``method`` and
     ``from_loop``.
 
-    ``g_vrh`` is the shear modulus of the same method as the K label (null where that method gave none), for a
-    generator conditioned on K and G.
+    ``g_vrh`` is the shear modulus of the same method as the K label, where that method is training-grade for G
+    (``SHEAR_LABEL_METHODS_SQL``; null otherwise), for the shear predictor and a generator conditioned on K and G.
 
     ``from_loop`` marks structures the active-learning loop made and labeled (``LOOP_SOURCES``).
     Where a structure has several labels, DFT wins over datasets, datasets over the seed set,
@@ -60,7 +66,7 @@ def labeled_k_vrh(lake: Lake, split: str | None = None, labels_before: int | Non
                          p.created_at DESC) = 1
         ), g AS (
             SELECT structure_id, method, value AS g_vrh FROM properties
-            WHERE name = 'g_vrh' AND value IS NOT NULL
+            WHERE name = 'g_vrh' AND value IS NOT NULL AND {SHEAR_LABEL_METHODS_SQL}
             QUALIFY row_number() OVER (PARTITION BY structure_id, method ORDER BY created_at DESC) = 1
         )
         SELECT k.*, g.g_vrh FROM k LEFT JOIN g USING (structure_id, method)

@@ -151,9 +151,10 @@ def test_a_design_target_runs_and_every_stage_records_its_conditions(tmp_path_fa
     assert all("gnn" in s for s in stages) and any("fam" in s for s in stages)
     funnel = {r["condition"]: r for r in lake.query("SELECT * FROM condition_funnel").to_pylist()}
     assert set(funnel) == {"k_vrh in [300, 400]", "g_vrh/k_vrh <= 0.57"}
-    for condition in funnel:  # the loop trained the shear predictor for the G/K condition: stage I checks both
-        assert funnel[condition]["n_gnn_checked"] == funnel[condition]["n_candidates"]
-    assert lake.query("SELECT count(*) AS n FROM models WHERE kind = 'cgcnn-g'").to_pylist()[0]["n"] == 1
+    # the seed set's G is SevenNet-0's, too soft to train on: no shear predictor, so stage I leaves G/K unknown
+    assert funnel["g_vrh/k_vrh <= 0.57"]["n_gnn_checked"] == 0
+    assert lake.query("SELECT count(*) AS n FROM models WHERE kind = 'cgcnn-g'").to_pylist()[0]["n"] == 0
+    assert funnel["k_vrh in [300, 400]"]["n_gnn_checked"] == funnel["k_vrh in [300, 400]"]["n_candidates"]
     assert funnel["g_vrh/k_vrh <= 0.57"]["n_fam_checked"] > 0
     from flows.cli.workflow import DEMO_QUERIES  # the summary `matloop run` and `make demo` print
 

@@ -266,3 +266,13 @@ def test_the_shear_predictor_trains_on_the_g_labels_and_is_not_a_k_predictor(see
     assert ensemble.predict_rows(with_g[:3]).target == "g_vrh"
     with pytest.raises(CheckpointError, match="target: checkpoint g_vrh vs expected k_vrh"):
         Ensemble.load(checkpoint_path(seeded_lake, record), expected=PRESETS.resolve("small"))
+
+
+@pytest.mark.slow
+def test_a_fam_g_is_no_training_label_and_without_one_no_shear_predictor_is_trained(lake, prefect_server):
+    """The seed set's G is SevenNet-0's (too soft): it is not a G label, so the shear predictor is skipped."""
+    ingest(lake, "seed")
+    rows = training_data(lake.url).rows
+    assert rows and all(r["g_vrh"] is None for r in rows)
+    assert lake.query("SELECT count(*) AS n FROM properties WHERE name = 'g_vrh'").to_pylist()[0]["n"] > 100
+    assert train(TrainParams(lake_url=lake.url, what=["shear_predictor"], predictor_config="small")) == {}
