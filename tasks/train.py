@@ -175,6 +175,13 @@ def _fit_generator(lake: Lake, data: TrainingData, config: dict[str, Any], paren
         generator = CDVAEGenerator(CDVAEConfig.model_validate(config))
     conditioned = generator.config_dict.get("properties", ["k_vrh"])[1:]  # labels beyond K the generator learns
     others = {name: [r.get(name) for r in rows] for name in conditioned}
+    for name, values in others.items():
+        if sum(1 for v in values if (v or 0) > 0) < 2:
+            raise ValueError(
+                f"the generator is conditioned on {name}, but {sum(1 for v in values if v)} train structures have a "
+                f"DFT or dataset {name} label (a FAM's is not one, the seed set's included): ingest data with it "
+                "(the shared MP file has G) or label structures with DFT first"
+            )
     fit = generator.finetune if parent_model_id else generator.train
     metrics = fit(structures, k_vrh, weights=weights, other_labels=others)
     return Fitted(generator, {**metrics, "device": device_label(generator.device)})

@@ -276,3 +276,5 @@ def test_a_fam_g_is_no_training_label_and_without_one_no_shear_predictor_is_trai
     assert rows and all(r["g_vrh"] is None for r in rows)
     assert lake.query("SELECT count(*) AS n FROM properties WHERE name = 'g_vrh'").to_pylist()[0]["n"] > 100
     assert train(TrainParams(lake_url=lake.url, what=["shear_predictor"], predictor_config="small")) == {}
+    with pytest.raises(ValueError, match="conditioned on g_vrh, but 0 train structures have a DFT or dataset"):
+        train(TrainParams(lake_url=lake.url, what=["generator"], generator_config="small-kg"))
