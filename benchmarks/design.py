@@ -104,6 +104,8 @@ def main() -> None:
     for text, k in met.items():
         print(f"  {text:32s} {k:>3d} / {n}  = {k / n:.2f}")
     print(f"  {'every condition':32s} {all_met:>3d} / {n}  = {all_met / n:.2f}")
+    if design.asks_for_g and model.startswith("sevennet"):
+        print(f"  ({model}'s G is about 20 GPa too soft against DFT: its G and G/K figures are indicative only)")
     print("\nthe cost ledger (SELECT * FROM cost_per_stage / cost_per_discovery):")
     for r in lake.query("SELECT * FROM cost_per_stage WHERE iteration = 0").to_pylist():
         print(

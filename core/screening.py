@@ -93,15 +93,19 @@ def fam_verdicts(
     outcomes: Mapping[str, FamOutcome],
     tolerance: float,
     e_above_hull: Mapping[str, float] | None = None,
+    fam_shear: bool = False,
 ) -> list[tuple[dict[str, Any], str]]:
     """Per candidate with an outcome, its stage II update and outcome (``pass``, ``error`` or the reject reason's
-    first word), in the order of ``todo``. ``e_above_hull`` (eV/atom by structure id) where a design asks."""
+    first word), in the order of ``todo``. ``e_above_hull`` (eV/atom by structure id) where a design asks.
+    Without ``fam_shear`` the FAM's G decides no condition (G and G/K stay unknown here): an offline FAM's shear is
+    too soft for that."""
     decided = []
     for cand in (c for c in todo if c["structure_id"] in outcomes):
         o = outcomes[cand["structure_id"]]
         el = o.elastic
         hull = (e_above_hull or {}).get(cand["structure_id"])
-        values = stage_values(el.k_vrh, el.g_vrh, el.born_stable, hull) if el else stage_values(e_above_hull=hull)
+        g = el.g_vrh if el and fam_shear else None
+        values = stage_values(el.k_vrh, g, el.born_stable, hull) if el else stage_values(e_above_hull=hull)
         conditions_json, failed = stage_checks(cand, "fam", values, tolerance)
         decision, reason = verdict(o, cand["target"], tolerance, failed if cand.get("design") else None)
         update = {

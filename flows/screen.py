@@ -58,6 +58,10 @@ class ScreenSettings(BaseModel):
     """Relaxation, structure matching (StructureMatcher ltol/stol/angle_tol) and elastic settings of stage II."""
     fam_batch_size: int = Field(16, ge=1)
     """Structures per stage-II task (one cached unit of work)."""
+    fam_shear: bool = False
+    """Let the FAM's G decide a design's G and G/K conditions at stage II. Off: the offline FAMs' shear is about
+    20 GPa too soft (benchmarks/fam.py), so those conditions wait for stage I's shear predictor and the label;
+    turn it on for a FAM whose G you have checked against DFT."""
 
 
 class ScreenParams(ScreenSettings):
@@ -107,6 +111,7 @@ def screen(params: ScreenParams | None = None) -> dict[str, Any]:
                 params.fam_model,
                 params.fam_settings,
                 params.fam_batch_size,
+                params.fam_shear,
             )
         create_table_artifact(
             key=f"screen-iteration-{params.iteration}",
@@ -235,8 +240,10 @@ def screen_fam(
     model: str = "auto",
     settings: FamSettings | None = None,
     batch_size: int = 16,
+    fam_shear: bool = False,
 ) -> dict[str, Any]:
-    """Stage II for one iteration: ``gnn_pass`` -> ``fam_pass`` | ``rejected``. Returns counts.
+    """Stage II for one iteration: ``gnn_pass`` -> ``fam_pass`` | ``rejected``. Returns counts. ``fam_shear`` lets
+    the FAM's G decide G and G/K conditions (``ScreenSettings.fam_shear``).
 
     Each distinct structure is computed once, in deterministic batches (so reruns hit the cache), and every
     batch is recorded before the next starts. Returns ``{"iteration", "model", "screened", "passed",
@@ -278,7 +285,7 @@ def screen_fam(
         outcomes = {sid: FamOutcome.model_validate(r["outcome"]) for sid, r in results.items()}
         record_fam_batch(lake, iteration, results, outcomes, model, settings, run_id)
         distances = hull_distances(lake, outcomes, model, settings, hulls) if hulls is not None else {}
-        decided = fam_verdicts(todo, outcomes, tolerance, distances)
+        decided = fam_verdicts(todo, outcomes, tolerance, distances, fam_shear)
         for update, reason in decided:
             counts[{"pass": "passed", "reject": "rejected", "error": "errors"}[update["fam_verdict"]]] += 1
             reasons[reason] += 1

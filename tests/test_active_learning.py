@@ -143,7 +143,8 @@ def test_a_design_target_runs_and_every_stage_records_its_conditions(tmp_path_fa
     lake = Lake(tmp_path_factory.mktemp("design-loop") / "lake")
     ingest(lake, "seed")
     design = "k_vrh in [300, 400] and g_vrh/k_vrh <= 0.57"
-    rows = active_learning(tiny(lake, design=design, label_source="fam", label={"limit": 0}))
+    screen = {"gnn_tolerance": 5.0, "fam_tolerance": 5.0, "fam_shear": True}  # let the FAM's G decide at stage II
+    rows = active_learning(tiny(lake, design=design, label_source="fam", label={"limit": 0}, screen=screen))
     assert [r["target"] for r in rows] == [350.0]
     cands = lake.query("SELECT * FROM candidates WHERE iteration = 0").to_pylist()
     assert cands and {c["design"] for c in cands} == {design}

@@ -139,10 +139,13 @@ def test_stage_one_and_two_check_each_condition_and_say_which_failed():
 
     stage_two = [{**todo[0], "conditions_json": passed["conditions_json"]}]
     [(update, result)] = fam_verdicts(stage_two, {near: outcome(340.0, 250.0)}, tolerance=0.2)
+    assert result == "pass"  # by default the FAM's (soft) G decides nothing: G/K stays unknown at stage II
+    assert json.loads(update["conditions_json"])["fam"]["g_vrh/k_vrh <= 0.57"]["verdict"] == "unknown"
+    [(update, result)] = fam_verdicts(stage_two, {near: outcome(340.0, 250.0)}, tolerance=0.2, fam_shear=True)
     assert result == "condition not met" and update["status"] == "rejected"  # the outcome the flow counts
     assert update["fam_reason"] == "condition not met: g_vrh/k_vrh <= 0.57: 0.735 > 0.684"
     assert set(json.loads(update["conditions_json"])) == {"gnn", "fam"}  # stage I's verdicts kept
-    [(update, result)] = fam_verdicts(stage_two, {near: outcome(340.0, 150.0)}, tolerance=0.2)
+    [(update, result)] = fam_verdicts(stage_two, {near: outcome(340.0, 150.0)}, tolerance=0.2, fam_shear=True)
     assert result == "pass" and "every condition met" in update["fam_reason"]
     stable = [{**stage_two[0], "design": DUCTILE + " and e_above_hull <= 0.05"}]
     above = fam_verdicts(stable, {near: outcome(340.0, 150.0)}, tolerance=0.2, e_above_hull={near: 0.055})
