@@ -79,6 +79,9 @@ class DftSettings(BaseModel):
     mixing_beta: float = Field(0.05, gt=0, le=1)
     eigensolver: Eigensolver = "davidson"
     relax_steps: int = Field(100, ge=0)
+    symmetry: bool = True
+    """Reduce the k-points by the cell's symmetry; off (every k-point, slower, the same result) is the retry of a
+    cell whose symmetry analysis fails."""
     relax_optimizer: Literal["BFGS", "FIRE"] = "BFGS"
     """BFGS needs few force calls on the smooth DFT surface near a (FAM-relaxed) minimum; FIRE is the fallback."""
     pseudopotentials: str = "default"
@@ -231,6 +234,7 @@ ESCALATION: dict[FailureClass, tuple[EscalationStep, ...]] = {
         ),
         EscalationStep(name="tighter SCF for cleaner forces", scale={"scf_tol": 0.1, "max_scf_steps": 1.5}),
     ),
+    FailureClass.SYMMETRY: (EscalationStep(name="symmetry off", set={"symmetry": False}),),
     # Scheduler problems: the settings are not at fault; retry as they were.
     FailureClass.WALLTIME: (),
     FailureClass.NODE_LOST: (),
@@ -329,6 +333,7 @@ def _gpaw(s: DftSettings, directory: str | os.PathLike[str] | None) -> Calculato
         eigensolver=s.eigensolver,
         spinpol=s.spinpol,
         setups="paw" if s.pseudopotentials == "default" else s.pseudopotentials,
+        symmetry={} if s.symmetry else "off",
         txt=txt,
     )
 
@@ -353,6 +358,7 @@ def _vasp(s: DftSettings, directory: Path) -> Calculator:
         amix=s.mixing_beta,
         algo=_VASP_ALGO[s.eigensolver],
         ispin=2 if s.spinpol else 1,
+        isym=2 if s.symmetry else 0,
         prec="Accurate",
         lreal=False,
         lwave=False,
@@ -379,6 +385,7 @@ def _qe(s: DftSettings, directory: Path, symbols: Sequence[str]) -> Calculator:
             "smearing": _QE_SMEARING[s.smearing],
             "degauss": s.smearing_width / Ry,
             "nspin": 2 if s.spinpol else 1,
+            "nosym": not s.symmetry,
         },
         "electrons": {
             "conv_thr": s.scf_tol / Ry,

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class FailureClass(StrEnum):
     """The failure taxonomy; values are what the ``jobs.error_class`` column holds.
 
-    The first five classify DFT jobs (and ``bad_input`` also a structure the FAM refuses); the last three
+    The first six classify DFT jobs (and ``bad_input`` also a structure the FAM refuses); the last three
     are the FAM's: an element the model was not trained on, non-finite or exploding energies, forces or
     stresses, and any other error the calculator raised. None of the FAM's is retried: the model is
     deterministic.
@@ -41,13 +41,21 @@ class FailureClass(StrEnum):
     WALLTIME = "walltime"
     NODE_LOST = "node_lost"
     BAD_INPUT = "bad_input"
+    SYMMETRY = "symmetry"
+    """The code's symmetry analysis failed on the cell (GPAW's SymmetryAnalysisBug): retried without symmetry."""
     UNKNOWN_ELEMENT = "unknown_element"
     UNPHYSICAL = "unphysical"
     CALCULATOR_ERROR = "calculator_error"
 
 
 TRANSIENT: frozenset[FailureClass] = frozenset(
-    {FailureClass.SCF_UNCONVERGED, FailureClass.RELAX_UNCONVERGED, FailureClass.WALLTIME, FailureClass.NODE_LOST}
+    {
+        FailureClass.SCF_UNCONVERGED,
+        FailureClass.RELAX_UNCONVERGED,
+        FailureClass.WALLTIME,
+        FailureClass.NODE_LOST,
+        FailureClass.SYMMETRY,
+    }
 )
 """Classes a retry can fix. Everything else (bad input) fails at once."""
 
@@ -89,6 +97,7 @@ _TEXT_PATTERNS: tuple[tuple[FailureClass, re.Pattern[str]], ...] = tuple(
             r"NODE_FAIL|DUE TO NODE FAILURE|oom[-_ ]kill|Out Of Memory|Killed|"
             r"Bus error|Segmentation fault|lost connection|NODE FAILURE",
         ),
+        (FailureClass.SYMMETRY, r"SymmetryAnalysisBug|Try using spglib\.standardize_cell|inconsistent symmetry"),
         (
             FailureClass.BAD_INPUT,
             r"POTCAR.*not found|No such file.*(POTCAR|pseudo)|Error reading|"
@@ -133,6 +142,8 @@ def classify_exception(exc: BaseException) -> FailureClass:
     names = {t.__name__ for t in type(exc).__mro__}
     if names & {"KohnShamConvergenceError", "ConvergenceError", "SCFError"}:
         return FailureClass.SCF_UNCONVERGED
+    if "SymmetryAnalysisBug" in names:
+        return FailureClass.SYMMETRY
     if names & {"TimeoutError", "CancelledError"}:
         return FailureClass.WALLTIME
     if names & {"MemoryError", "BrokenProcessPool", "KilledWorker", "CommClosedError", "ConnectionError"}:

@@ -92,6 +92,23 @@ def test_point_scope_never_changes_cutoff_kmesh_or_smearing():
         assert s.physics() == base.physics()
 
 
+def test_a_failed_symmetry_analysis_is_retried_without_symmetry_at_any_scope():
+    """GPAW's SymmetryAnalysisBug (seen on a generated Ir7Re cell that passed stage II) is a transient class whose
+    retry turns symmetry off: the same physics and method, so also allowed for one point of a strain set."""
+
+    class SymmetryAnalysisBug(Exception):
+        pass
+
+    failure = classify_exception(SymmetryAnalysisBug("Sorry!  Try using spglib.standardize_cell(...)"))
+    assert failure == FailureClass.SYMMETRY and is_transient(failure)
+    assert classify_text("gpaw.new.symmetry.SymmetryAnalysisBug: Sorry!") == FailureClass.SYMMETRY
+    base = resolve(PRESETS["test"], bulk("W", "bcc", a=3.17))
+    retry, steps = escalate(base, [failure], scope="point")
+    assert steps == ["symmetry off"] and not retry.symmetry and retry.method == base.method
+    assert dft_calculator(base).parameters.symmetry.point_group  # the calculator honours the setting
+    assert not dft_calculator(retry).parameters.symmetry.point_group
+
+
 def test_scheduler_failures_retry_with_unchanged_settings():
     base = PRESETS["test"]
     assert escalate(base, ["walltime", "node_lost"], scope="structure") == (base, [])
@@ -125,7 +142,7 @@ def test_classify_exceptions_and_transience():
     killed = subprocess.CalledProcessError(-9, ["vasp_std"])
     assert classify_exception(killed) is FailureClass.NODE_LOST
     assert classify_exception(ValueError("unknown element Xx")) is FailureClass.BAD_INPUT
-    assert [is_transient(c) for c in FailureClass] == [True, True, True, True, False, False, False, False]
+    assert [is_transient(c) for c in FailureClass] == [True, True, True, True, False, True, False, False, False]
     exc = DftFailure(FailureClass.WALLTIME, "x", injected=True)
     import pickle
 
