@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--design", default=DEFAULT_DESIGN)
     parser.add_argument("--lake", type=Path, default=Path("/tmp/matloop-bench/design-lake"))
-    parser.add_argument("--label-limit", type=int, default=1)
+    parser.add_argument("--label-limit", type=int, default=1, help="survivors labeled by DFT at most (0: every one)")
     parser.add_argument("--fam", default="auto", help="the FAM of stage II and of the independent grade")
     parser.add_argument(
         "--generator", default="size", help="generator preset (small-kg: conditioned on a two-sided G/K window too)"
