@@ -160,11 +160,10 @@ class CGCNN(nn.Module):
 class Prediction:
     """Ensemble predictions for n structures: member values and their mean and spread.
 
-    The ``k`` names are the default target's; an ensemble trained on another modulus (``target``) fills them with
-    that modulus (``gpa`` and ``gpa_std`` say so without the K)."""
+    The ``k`` names are the default target's; an ensemble trained on another modulus (``CGCNNConfig.target``)
+    fills them with that modulus (``gpa`` and ``gpa_std`` say so without the K)."""
 
     members_log10: np.ndarray  # (n_models, n)
-    target: str = "k_vrh"
 
     @property
     def log10_k(self) -> np.ndarray:
@@ -338,7 +337,7 @@ class Ensemble:
     def predict_graphs(self, graphs: Sequence[CrystalGraph], batch_size: int = 256) -> Prediction:
         """Member predictions for already-built graphs."""
         values = [_predict_member(m, graphs, self.device, batch_size) for m in self.members]
-        return Prediction(np.stack(values) if values else np.zeros((0, len(graphs))), self.config.target)
+        return Prediction(np.stack(values) if values else np.zeros((0, len(graphs))))
 
     def predict_rows(
         self,

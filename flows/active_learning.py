@@ -136,12 +136,6 @@ def _parents(lake: Lake, params: LoopParams, iteration: int) -> dict[str, str | 
     return {"parent_predictor": rows[0]["predictor_model_id"], "parent_generator": rows[0]["generator_model_id"]}
 
 
-def _asks_for_g(design: str) -> bool:
-    """Whether a design has a condition on G (``g_vrh``, ``g_vrh/k_vrh``): the loop then trains the shear predictor,
-    so stage I checks those conditions too."""
-    return bool(design) and parse_design(design).asks_for_g
-
-
 def _stage_params(params: LoopParams, lake: Lake, iteration: int, loop_run_id: str = "") -> dict[str, BaseModel]:
     """Each stage's own parameter model: its settings from the loop's, plus what this iteration fixes
     (``loop_run_id``: the lock the stages join)."""
@@ -151,7 +145,7 @@ def _stage_params(params: LoopParams, lake: Lake, iteration: int, loop_run_id: s
             **params.train.model_dump(),
             **run,
             what=["predictor", "shear_predictor", "generator"]
-            if _asks_for_g(params.design)
+            if params.design and parse_design(params.design).asks_for_g  # stage I then checks G too
             else ["predictor", "generator"],
             predictor_config=params.predictor_config,
             generator_config=params.generator_config,

@@ -27,6 +27,7 @@ from storage import Lake
 from storage.candidates import Status, advance, current
 from storage.queries import dedup_references, known_phases, structure_rows
 from storage.records import record_fam_batch, record_predictions
+from storage.registry import ModelRecord
 from tasks.common import in_lake, run_logger
 
 Stage = Literal["gnn", "fam"]
@@ -140,7 +141,6 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     # stage I pulls in the predictor stack: loaded only when it runs
     from core.screening import GNN_OUTCOMES, gnn_verdicts
     from storage.registry import PREDICTOR_KIND, resolve_model
-    from tasks.predict import predict
 
     if tolerance <= 0:
         raise ValueError(f"tolerance must be positive, got {tolerance}")
@@ -157,12 +157,11 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     ids = sorted({c["structure_id"] for c in todo})
     rows = {r["structure_id"]: r for r in structure_rows(lake, ids)}
     logger.info("iteration %d: predicting K for %d structures (%d candidates)", iteration, len(ids), len(todo))
-    predictions = {p["structure_id"]: p for p in in_lake(predict, lake_url)(lake_url, record.model_id, ids)}
     run_id = _run_id()
-    record_predictions(lake, iteration, record, predictions, run_id)
-    shear = _shear_predictions(lake, iteration, [c for c in todo if needs_shear(c)], run_id)
+    predictions = _predictions(lake, iteration, record, ids, run_id)
+    shear = _shear_predictions(lake, iteration, [c for c in todo if design_of(c).asks_for_g], run_id)
     known = dedup_references(lake, ids, sorted({r["reduced_formula"] for r in rows.values()}), iteration)
-    decided = gnn_verdicts(todo, rows, predictions, known, tolerance, record.model_id, shear[1] if shear else None)
+    decided = gnn_verdicts(todo, rows, predictions, known, tolerance, record.model_id, shear)
     advance(lake, [update for update, _ in decided], stage="gnn", run_id=run_id)
     tally = Counter(outcome for _, outcome in decided)
     counts.update(tally)
@@ -171,32 +170,34 @@ def screen_gnn(lake_url: str, iteration: int, tolerance: float = 0.30, model_id:
     return counts
 
 
-def needs_shear(candidate: dict[str, Any]) -> bool:
-    """Whether a candidate's design has a condition on G (``g_vrh`` or ``g_vrh/k_vrh``)."""
-    return bool(candidate.get("design")) and design_of(candidate).asks_for_g
+def _predictions(
+    lake: Lake, iteration: int, record: ModelRecord, structure_ids: list[str], run_id: str | None
+) -> dict[str, dict[str, Any]]:
+    """The registered CGCNN ensemble ``record``'s prediction per structure (cached task), recorded as properties
+    and ``gnn`` jobs: K from the predictor, G from the shear predictor."""
+    from tasks.predict import predict
+
+    task = in_lake(predict, lake.url)
+    predictions = {p["structure_id"]: p for p in task(lake.url, record.model_id, structure_ids, record.kind)}
+    record_predictions(lake, iteration, record, predictions, run_id)
+    return predictions
 
 
 def _shear_predictions(
     lake: Lake, iteration: int, candidates: list[dict[str, Any]], run_id: str | None
-) -> tuple[str, dict[str, dict[str, Any]]] | None:
-    """The shear predictor's id and G per structure of these candidates (recorded like K), where a shear predictor
-    is registered; None (the G conditions stay unknown at stage I) where none is or no candidate needs one."""
+) -> dict[str, dict[str, Any]] | None:
+    """The shear predictor's G per structure of these candidates, where one is registered; None (the G conditions
+    stay unknown at stage I) where none is or no candidate's design asks for G."""
     from storage.registry import SHEAR_PREDICTOR_KIND, ModelNotFoundError, resolve_model
-    from tasks.predict import predict
 
     if not candidates:
         return None
     try:
         record = resolve_model(lake, SHEAR_PREDICTOR_KIND)
     except ModelNotFoundError:
-        run_logger().info("no shear predictor registered: the designs' G conditions wait for stage II")
+        run_logger().info("no shear predictor registered: the designs' G conditions stay unknown at stage I")
         return None
-    ids = sorted({c["structure_id"] for c in candidates})
-    shear = {
-        p["structure_id"]: p for p in in_lake(predict, lake.url)(lake.url, record.model_id, ids, SHEAR_PREDICTOR_KIND)
-    }
-    record_predictions(lake, iteration, record, shear, run_id)
-    return record.model_id, shear
+    return _predictions(lake, iteration, record, sorted({c["structure_id"] for c in candidates}), run_id)
 
 
 def needs_hull(candidates: list[dict[str, Any]]) -> bool:

@@ -24,7 +24,7 @@ from storage import Lake
 from storage.queries import DEFAULT_NEW_LABEL_WEIGHT
 from storage.registry import GENERATOR_KIND, PREDICTOR_KIND, SHEAR_PREDICTOR_KIND, ModelKind
 from tasks.common import in_lake
-from tasks.train import TrainingData, train_model, training_data
+from tasks.train import PREDICTOR_TARGETS, train_model, training_data
 
 What = Literal["predictor", "shear_predictor", "generator"]
 KINDS: dict[str, ModelKind] = {
@@ -101,21 +101,12 @@ def metrics_table(model_id: str, metrics: dict[str, Any]) -> list[dict[str, Any]
 def _config(params: TrainParams, kind: ModelKind) -> dict[str, Any]:
     """The named config of ``kind`` with the form's overrides and training seed applied."""
     seed = {} if params.model_seed is None else {"seed": params.model_seed}
-    if kind in (PREDICTOR_KIND, SHEAR_PREDICTOR_KIND):
-        target = {"target": "g_vrh"} if kind == SHEAR_PREDICTOR_KIND else {}
+    if kind in PREDICTOR_TARGETS:
+        target = {"target": PREDICTOR_TARGETS[kind]}
         config = PREDICTOR_PRESETS.resolve(params.predictor_config, {**params.predictor_overrides, **seed, **target})
     else:
         config = GENERATOR_PRESETS.resolve(params.generator_config, seed)
     return config.model_dump(mode="json")
-
-
-def _too_few_shear_labels(data: TrainingData) -> str:
-    """Why the shear predictor cannot be trained on ``data`` (fewer than 2 training-grade G labels in its train or
-    val split: DFT or dataset G only), or "" when it can."""
-    counts = {split: len(rows) for split, rows in data.labeled("g_vrh").by_split.items()}
-    if counts["train"] >= 2 and counts["val"] >= 2:
-        return ""
-    return f"{counts['train']} train and {counts['val']} val structures with a DFT or dataset G (need 2 each)"
 
 
 @flow(name="train", log_prints=True)
@@ -134,13 +125,14 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
         trained: dict[str, str] = {}
         for what in params.what:
             kind = KINDS[what]
-            if kind == SHEAR_PREDICTOR_KIND and (missing := _too_few_shear_labels(data)):
+            if kind == SHEAR_PREDICTOR_KIND and (missing := data.too_few("g_vrh", ("train", "val"))):
                 logger.warning("no shear predictor trained: %s; stage I leaves G conditions unknown", missing)
                 continue
+            config = _config(params, kind)
             result = in_lake(train_model, lake.url)(
                 lake.url,
                 kind,
-                _config(params, kind),
+                config,
                 data.data_hash,
                 {
                     PREDICTOR_KIND: params.parent_predictor,
@@ -152,13 +144,12 @@ def train(params: TrainParams | None = None) -> dict[str, str]:
                 params.labels_before,
             )
             trained[what] = result["model_id"]
-            if kind in (PREDICTOR_KIND, SHEAR_PREDICTOR_KIND):
+            if kind in PREDICTOR_TARGETS:
                 parity = result["figures"].get("parity", f"figures/parity-{result['model_id']}.png")
                 create_table_artifact(
                     table=metrics_table(result["model_id"], result["metrics"]),
                     key=f"{what.replace('_', '-')}-metrics",
-                    description=f"CGCNN {result['model_id']}: MAE of log10 {_config(params, kind)['target']} and in "
-                    "GPa. "
+                    description=f"CGCNN {result['model_id']}: MAE of log10 {config['target']} and in GPa. "
                     f"Parity plot: {lake.url}/{parity}",
                 )
         return trained

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +77,16 @@ class TrainingData:
     def labeled(self, name: str) -> TrainingData:
         """The rows with a positive ``name`` label (every row has K; G only where the label's method gave one)."""
         return TrainingData([r for r in self.rows if (r.get(name) or 0) > 0], self.new_label_weight)
+
+    def too_few(self, name: str, splits: Sequence[str] = ("train",)) -> str:
+        """Why ``name`` cannot be learned from these rows (fewer than 2 labels in one of ``splits``), or ""."""
+        counts = {split: len(self.labeled(name).by_split[split]) for split in splits}
+        if min(counts.values()) >= 2:
+            return ""
+        found = " and ".join(f"{n} {split}" for split, n in counts.items())
+        if name == "g_vrh":
+            return f"only {found} structures have a DFT or dataset G label (need 2; a FAM's G, the seed set's, is none)"
+        return f"only {found} structures have a {name} label (need 2)"
 
     @property
     def train_weights(self) -> np.ndarray:
@@ -174,14 +184,13 @@ def _fit_generator(lake: Lake, data: TrainingData, config: dict[str, Any], paren
     else:
         generator = CDVAEGenerator(CDVAEConfig.model_validate(config))
     conditioned = generator.config_dict.get("properties", ["k_vrh"])[1:]  # labels beyond K the generator learns
-    others = {name: [r.get(name) for r in rows] for name in conditioned}
-    for name, values in others.items():
-        if sum(1 for v in values if (v or 0) > 0) < 2:
+    for name in conditioned:
+        if missing := data.too_few(name):
             raise ValueError(
-                f"the generator is conditioned on {name}, but {sum(1 for v in values if v)} train structures have a "
-                f"DFT or dataset {name} label (a FAM's is not one, the seed set's included): ingest data with it "
-                "(the shared MP file has G) or label structures with DFT first"
+                f"the generator is conditioned on {name}, but {missing}: ingest data with it (the shared MP file "
+                "has G) or label structures with DFT first"
             )
+    others = {name: [r.get(name) for r in rows] for name in conditioned}
     fit = generator.finetune if parent_model_id else generator.train
     metrics = fit(structures, k_vrh, weights=weights, other_labels=others)
     return Fitted(generator, {**metrics, "device": device_label(generator.device)})
@@ -273,9 +282,13 @@ def train_model(
     return {"model_id": record.model_id, "metrics": fitted.metrics, "figures": figures}
 
 
+PREDICTOR_TARGETS: dict[ModelKind, str] = {PREDICTOR_KIND: "k_vrh", SHEAR_PREDICTOR_KIND: "g_vrh"}
+"""The CGCNN model kinds and the modulus each one predicts (``CGCNNConfig.target``)."""
+
+
 def predictor_kind(target: str) -> ModelKind:
     """The model kind of a CGCNN ensemble on ``target`` (K_vrh: the predictor; G_vrh: the shear predictor)."""
-    return SHEAR_PREDICTOR_KIND if target == "g_vrh" else PREDICTOR_KIND
+    return next(kind for kind, name in PREDICTOR_TARGETS.items() if name == target)
 
 
 def load_predictor(lake: Lake, model_id: str | None = None, kind: ModelKind = PREDICTOR_KIND) -> tuple[str, Ensemble]:

@@ -263,7 +263,7 @@ def test_the_shear_predictor_trains_on_the_g_labels_and_is_not_a_k_predictor(see
     with_g = [r for r in training_data(seeded_lake.url).by_split["train"] if (r["g_vrh"] or 0) > 0]
     assert record.metrics["n_train"] == len(with_g)
     ensemble = Ensemble.load(checkpoint_path(seeded_lake, record))
-    assert ensemble.predict_rows(with_g[:3]).target == "g_vrh"
+    assert ensemble.config.target == "g_vrh" and len(ensemble.predict_rows(with_g[:3]).gpa) == 3
     with pytest.raises(CheckpointError, match="target: checkpoint g_vrh vs expected k_vrh"):
         Ensemble.load(checkpoint_path(seeded_lake, record), expected=PRESETS.resolve("small"))
 
@@ -276,5 +276,7 @@ def test_a_fam_g_is_no_training_label_and_without_one_no_shear_predictor_is_trai
     assert rows and all(r["g_vrh"] is None for r in rows)
     assert lake.query("SELECT count(*) AS n FROM properties WHERE name = 'g_vrh'").to_pylist()[0]["n"] > 100
     assert train(TrainParams(lake_url=lake.url, what=["shear_predictor"], predictor_config="small")) == {}
-    with pytest.raises(ValueError, match="conditioned on g_vrh, but 0 train structures have a DFT or dataset"):
+    with pytest.raises(
+        ValueError, match="conditioned on g_vrh, but only 0 train structures have a DFT or dataset G label"
+    ):
         train(TrainParams(lake_url=lake.url, what=["generator"], generator_config="small-kg"))

@@ -225,8 +225,8 @@ def test_conditioning_moves_the_property_head(trained):
     gen = torch.Generator().manual_seed(5)
     heads = {}
     for k in (40.0, 300.0):
-        z = prior.sample(vae.k_to_standard(torch.full((64,), k)), gen, guidance=1.0, clip=TINY.prior_clip)
-        heads[k] = float(vae.predict_k(z).median())
+        z = prior.sample(vae.to_standard(torch.full((64, 1), k)), gen, guidance=1.0, clip=TINY.prior_clip)
+        heads[k] = float(vae.predict(z)[:, 0].median().detach())
     assert heads[300.0] > 1.3 * heads[40.0]
 
 
@@ -240,7 +240,7 @@ def test_samples_asked_for_a_higher_k_score_higher_when_re_encoded(trained):
 def test_prior_latents_stay_in_the_training_distribution(trained, data):
     """The prior's latents are as spread as the encoder's (the unclipped ε-sampler gave norms ten times too big)."""
     vae, prior = trained.vae, trained.prior
-    y = vae.k_to_standard(torch.full((128,), 150.0))
+    y = vae.to_standard(torch.full((128, 1), 150.0))
     sampled = prior.sample(y, torch.Generator().manual_seed(0), guidance=1.0, clip=TINY.prior_clip)
     encoded = torch.from_numpy(trained.latents(data[0])).float()
     norms = [float(((z - prior.z_mean) / prior.z_std).norm(dim=1).mean()) for z in (sampled, encoded)]
@@ -250,7 +250,7 @@ def test_prior_latents_stay_in_the_training_distribution(trained, data):
 def test_latents_are_the_encoder_means_the_property_head_reads(trained, data):
     lat = trained.latents(data[0][:7])
     assert lat.shape == (7, TINY.latent_dim) and np.all(np.isfinite(lat))
-    head = trained.vae.predict_k(torch.from_numpy(lat).float()).detach().numpy()
+    head = trained.vae.predict(torch.from_numpy(lat).float())[:, 0].detach().numpy()
     assert np.allclose(head, trained.score(data[0][:7]), rtol=1e-4)
     assert trained.latents([]).shape == (0, TINY.latent_dim)
 

@@ -89,13 +89,24 @@ def test_label_emt_labels_joins_training_data_and_rerun_recomputes_nothing(lake,
     assert lake.counts()["jobs"] == len(jobs)
 
 
-def test_transient_failures_escalate_then_succeed_and_every_attempt_is_a_job_row(lake, prefect_server):
+def test_transient_failures_escalate_then_succeed_and_every_attempt_is_a_job_row(lake, prefect_server, monkeypatch):
+    import tasks.dft
+
+    scans: list[int] = []  # the run count of every attempt that read the jobs table for its job's history
+    history = tasks.dft._attempt_history
+
+    def spy(lake_: Lake, job_id: str, run_count: int, max_attempts: int):
+        scans.append(run_count)
+        return history(lake_, job_id, run_count, max_attempts)
+
+    monkeypatch.setattr(tasks.dft, "_attempt_history", spy)
     seed_candidates(lake, emt_cells(1))
     faults = FaultInjection(
         fraction=1.0, failure=FailureClass.SCF_UNCONVERGED, seed=1, min_failed_attempts=2, max_failed_attempts=2
     )
     outcomes = label(LabelParams(lake_url=lake.url, preset="emt", faults=faults, max_attempts=3))
     assert outcomes[0].verdict == "labeled"
+    assert sorted(scans) == [2] * 12 + [3] * 12  # the retries read it; no first attempt on threads did
     history = lake.read("jobs", history=True).to_pylist()
     by_job: dict[str, list[dict]] = {}
     for row in history:

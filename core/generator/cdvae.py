@@ -313,12 +313,6 @@ class CDVAE(nn.Module):
         """Standardized logs of moduli (n, properties) in GPa; NaN (a value not known or not asked for) stays NaN."""
         return (torch.log(values.clamp_min(1e-3)) - self.logp_mean) / self.logp_std
 
-    def k_to_standard(self, k: Tensor) -> Tensor:
-        """The prior's condition for K targets alone, shape (n, properties): the other properties left free."""
-        values = torch.full((len(k), len(self.logp_mean)), float("nan"), device=k.device, dtype=k.dtype)
-        values[:, 0] = k
-        return self.to_standard(values)
-
     # ---- encoder / heads ----
     def encode(self, x: CrystalTensors) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(z | crystal)."""
@@ -335,10 +329,6 @@ class CDVAE(nn.Module):
     def predict(self, z: Tensor) -> Tensor:
         """The property head's moduli (GPa) for latents z, shape (n, properties)."""
         return self.from_standard(self.prop_head(z))
-
-    def predict_k(self, z: Tensor) -> Tensor:
-        """The property head's K_vrh (GPa) for latents z."""
-        return self.predict(z)[:, 0]
 
     def denoise(
         self,
